@@ -225,7 +225,7 @@ class SHARNN(nn.Module):
         """Bool mask `[T, m + T]`, True where visible: all m memory positions, and among the
         current ones position t sees positions <= t. Slices one cached band matrix, rebuilt
         only when a larger T or m is asked for."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # no cache under tracing
             return torch.ones(T, m + T, dtype=torch.bool, device=device).tril(diagonal=m)
         cached = self._mask
         rows, cols = cached.shape
@@ -277,6 +277,13 @@ class SHARNN(nn.Module):
         if self.adaptive is not None:
             return self.adaptive.log_prob(output.float())
         return F.log_softmax(self.decoder(output).float(), dim=-1)
+
+    def compile_blocks(self):
+        """torch.compile each block's attention and feed-forward parts (dynamic shapes: the
+        sequence and memory lengths vary); the LSTMs stay eager (cuDNN)."""
+        for block in self.blocks:
+            block.mix = torch.compile(block.mix, dynamic=True)
+            block.feedforward = torch.compile(block.feedforward, dynamic=True)
 
     def set_checkpoint_activations(self, enabled):
         """Recompute attention and feed-forward activations in backward to save memory."""

@@ -1,5 +1,39 @@
 import os
+import random
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in old trees "
+         "under a grey sky near the river bank").split()
+
+
+def byte_format(data):
+    """SPEC.md section 1: each byte as its decimal value, newline bytes as line breaks."""
+    return " ".join(str(b) if b != 10 else "\n" for b in data)
+
+
+def sentences(n, seed, words=WORDS):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + ".")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def write_corpus(folder, train, valid, test):
+    """A corpus folder in the byte format from raw bytes per split."""
+    os.makedirs(folder, exist_ok=True)
+    for name, data in (("train", train), ("valid", valid), ("test", test)):
+        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+            f.write(byte_format(data))
+    return str(folder)
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    """A small English-like byte-level corpus (about 24k training bytes)."""
+    return write_corpus(tmp_path / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))

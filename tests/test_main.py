@@ -1,0 +1,166 @@
+"""The training CLI end to end on a tiny corpus, and its units (SPEC.md sections 2, 4, 6, 7)."""
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from main import evaluate, lr_at, sample_seq_len
+
+SMALL = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "16", "--batch_size", "4",
+         "--mem-len", "32", "--warmup", "20", "--log-interval", "50", "--lr", "3e-3",
+         "--device", "cpu", "--no-progress"]
+
+LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
+                      r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
+                      r"bpc +(\d+\.\d{3})$")
+END_LINE = re.compile(r"^\| End of training \| test loss +(\d+\.\d\d) \| test ppl +\d+\.\d\d \| "
+                      r"test bpc +(\d+\.\d{3})$")
+
+
+def run_cli(capsys, *argv):
+    code = main.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train_lines(out):
+    return [LOG_LINE.match(line) for line in out.splitlines() if LOG_LINE.match(line)]
+
+
+def test_train_one_epoch_writes_checkpoint_and_reports_test_bpc(capsys, corpus_dir, tmp_path):
+    save = str(tmp_path / "model.pt")
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "1", *SMALL)
+    assert code == 0, err
+    logs = train_lines(out)
+    assert len(logs) >= 5
+    assert float(logs[-1].group(6)) < float(logs[0].group(6)) - 0.5  # bpc falls
+    assert float(logs[0].group(5)) / math.log(2) == pytest.approx(float(logs[0].group(6)), abs=0.01)
+    assert re.search(r"^\| end of epoch +1 \| time: +\d+\.\d\ds \| valid loss +\d+\.\d\d \| "
+                     r"valid ppl +\d+\.\d\d \| valid bpc +\d+\.\d{3}$", out, re.M)
+    assert "Saving model (new best validation)" in out
+    assert [line for line in out.splitlines() if END_LINE.match(line)]
+    ckpt = torch.load(save, weights_only=True)
+    assert ckpt["format"] == "sha-rnn"
+    assert ckpt["config"]["ninp"] == 16 and ckpt["config"]["attn_layers"] == [0]
+    assert ckpt["vocab"][0] == "32"  # the space byte is the most frequent token
+    assert ckpt["metrics"]["valid_bpc"] == pytest.approx(ckpt["metrics"]["valid_loss"] / math.log(2))
+    assert os.path.exists(str(tmp_path / "model.last.pt"))
+
+
+def test_resume_starts_from_trained_weights(capsys, corpus_dir, tmp_path):
+    save = str(tmp_path / "model.pt")
+    code, fresh, _ = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "2", *SMALL)
+    assert code == 0
+    code, resumed, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                                 "--epochs", "1", *SMALL, "--resume", save, "--lr", "1e-3",
+                                 "--seed", "125")
+    assert code == 0, err
+    first_fresh = float(train_lines(fresh)[0].group(5))
+    first_resumed = float(train_lines(resumed)[0].group(5))
+    assert first_resumed < 0.75 * first_fresh
+    assert float(train_lines(resumed)[0].group(4)) == pytest.approx(1e-3)  # the new lr
+
+
+def test_dry_run_writes_nothing(capsys, corpus_dir, tmp_path):
+    save = tmp_path / "model.pt"
+    before = set(os.listdir(tmp_path))
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), "--dry-run", *SMALL)
+    assert code == 0, err
+    assert "| end of epoch   1 |" in out and END_LINE.search(out.splitlines()[-2])
+    assert set(os.listdir(tmp_path)) - {"data"} == before - {"data"}
+
+
+def test_paper_commands_parse():
+    first = ("--epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 --data data/enwik8/ "
+             "--save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb --bptt 1024 "
+             "--warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 --batch_size 16").split()
+    args = main.parse_args(first)
+    defaults = main.parse_args([])
+    for key in ("epochs", "dropouth", "dropout", "data", "save", "log_interval", "seed", "optimizer",
+                "bptt", "warmup", "lr", "emsize", "nhid", "nlayers", "batch_size", "clip", "wdecay"):
+        assert getattr(args, key) == getattr(defaults, key), key  # the defaults are the paper's
+    second = main.parse_args(first + "--epochs 5 --resume ENWIK8.pt --lr 1e-3 --seed 125".split())
+    assert (second.epochs, second.resume, second.lr, second.seed) == (5, "ENWIK8.pt", 1e-3, 125)
+    assert {"epochs", "resume", "lr", "seed", "emsize"} <= second.explicit
+    assert "heads" not in second.explicit
+
+
+# --- units -------------------------------------------------------------------------------
+
+def test_lr_warmup_is_linear_then_flat():
+    assert lr_at(1, 2e-3, 800) == pytest.approx(2e-3 / 800)
+    assert lr_at(400, 2e-3, 800) == pytest.approx(1e-3)
+    assert lr_at(800, 2e-3, 800) == pytest.approx(2e-3)
+    assert lr_at(5000, 2e-3, 800) == pytest.approx(2e-3)
+
+
+def test_lr_when_and_cooldown():
+    # --when 2: divided by 10 from the third epoch (0-based epoch 2) on.
+    assert lr_at(900, 1.0, 10, epoch=1, when=[2]) == 1.0
+    assert lr_at(900, 1.0, 10, epoch=2, when=[2]) == pytest.approx(0.1)
+    assert lr_at(900, 1.0, 10, epoch=5, when=[2, 4]) == pytest.approx(0.01)
+    assert lr_at(950, 1.0, 10, cooldown=100, total_steps=1000) == pytest.approx(0.5)
+    assert lr_at(1010, 1.0, 10, cooldown=100, total_steps=1000) == 0.0
+
+
+def test_warmup_step_counts_batches_across_epochs():
+    # step = epoch * (len(train) // bptt) + batch + 1 (SPEC.md section 4)
+    args = main.parse_args(["--warmup", "800"])
+    nominal = 5493
+    assert lr_at(1 * nominal + 9 + 1, args.lr, args.warmup) == args.lr  # past warmup in epoch 2
+    assert lr_at(0 * nominal + 9 + 1, args.lr, args.warmup) == pytest.approx(args.lr * 10 / 800)
+
+
+def test_sequence_length_sampler_bounds_and_original_stream():
+    rng = np.random.RandomState(7)
+    lengths = [sample_seq_len(rng, 64) for _ in range(20000)]
+    assert min(lengths) >= 5 and max(lengths) <= 64
+    half = sum(1 for n in lengths if n < 48) / len(lengths)
+    assert 0.04 < half < 0.06  # bptt / 2 with probability 0.05
+    assert sum(1 for n in lengths if n == 64) / len(lengths) > 0.4  # clamped at bptt
+    short = [sample_seq_len(np.random.RandomState(s), 6) for s in range(200)]
+    assert min(short) == 5 and max(short) == 6
+    # The same stream as the original's np.random.random() / np.random.normal(bptt, 5).
+    np.random.seed(5512)
+    expected = []
+    for _ in range(50):
+        bptt = 1024 if np.random.random() < 0.95 else 1024 / 2.0
+        expected.append(min(max(5, int(np.random.normal(bptt, 5))), 1024))
+    rng = np.random.RandomState(5512)
+    assert [sample_seq_len(rng, 1024) for _ in range(50)] == expected
+
+
+class TargetLoss(torch.nn.Module):
+    """A stand-in model whose per-token loss is the target id itself."""
+
+    def forward(self, x, hidden=None, mems=None):
+        return x.float()[..., None], hidden, mems
+
+    def loss(self, output, targets):
+        return targets.reshape(-1).float()
+
+
+def test_evaluation_sum_hand_made_case():
+    source = torch.arange(10).view(10, 1)  # one column: 0..9
+    # bptt 4 -> chunks with targets 1-4, 5-8, 9: sum of len(chunk) * mean = 10 + 26 + 9 = 45,
+    # divided by len(source) = 10.
+    loss = evaluate(TargetLoss(), source, 1, 4, torch.autocast("cpu", enabled=False), main.Dist())
+    assert loss == pytest.approx(4.5)
+    two = torch.stack([torch.arange(10), 100 + torch.arange(10)], dim=1)  # [10, 2]
+    loss = evaluate(TargetLoss(), two, 2, 4, torch.autocast("cpu", enabled=False), main.Dist())
+    # per chunk: 4 * mean(1..4, 101..104) + 4 * mean(5..8, 105..108) + 1 * mean(9, 109)
+    expected = (4 * 52.5 + 4 * 56.5 + 1 * 59) / 10
+    assert loss == pytest.approx(expected)
+
+
+def test_unseen_token_is_a_one_line_error(capsys, corpus_dir):
+    with open(os.path.join(corpus_dir, "test.txt"), "a") as f:
+        f.write(" 7")  # a byte that never occurs in train
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--dry-run", *SMALL)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "'7'" in err and "test.txt" in err
