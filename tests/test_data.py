@@ -1,0 +1,509 @@
+"""Tests of data.py: tokenising, vocabulary order, cache, batching, dataset preparation."""
+
+import io
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from utils import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_liner(raw):
+    """The original prep script's byte format, the reference for the vectorised writer."""
+    return " ".join(str(c) if c != 10 else "\n" for c in raw).encode()
+
+
+def make_corpus(folder, train, valid="a\n", test="a\n"):
+    """A corpus folder with the given split texts (str, written as UTF-8 bytes, or bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        (folder / f"{name}.txt").write_bytes(raw)
+    return folder
+
+
+@pytest.fixture(params=["fast", "python"])
+def tokenizer(request, monkeypatch):
+    """Run a test through one tokenizer; the other one fails the test if it is used."""
+    if request.param == "python":
+        monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+    else:
+        def unexpected(*args):
+            raise AssertionError("the Python tokenizer ran on fast-path text")
+        monkeypatch.setattr(data, "_vocab_from_text", unexpected)
+        monkeypatch.setattr(data, "_ids_from_text", unexpected)
+    return request.param
+
+
+def ids(tensor):
+    return tensor.tolist()
+
+
+# --- vocabulary and tokens ---------------------------------------------------------------
+
+def test_vocabulary_by_frequency_then_first_appearance(tmp_path, tokenizer):
+    # stream: b a c <eos> a b <eos> d <eos>; counts <eos> 3, b 2, a 2, c 1, d 1
+    corpus = data.Corpus(make_corpus(tmp_path, "b a c\na b\nd\n", "a d\n", "c\n"), cache=False)
+    assert corpus.dictionary.idx2word == ["<eos>", "b", "a", "c", "d"]
+    assert corpus.dictionary.word2idx == {"<eos>": 0, "b": 1, "a": 2, "c": 3, "d": 4}
+    assert ids(corpus.train) == [1, 2, 3, 0, 2, 1, 0, 4, 0]
+    assert ids(corpus.valid) == [2, 4, 0]
+    assert ids(corpus.test) == [3, 0]
+    assert corpus.train.dtype == torch.int64
+    assert not corpus.byte_level
+
+
+def test_eos_is_an_ordinary_token_in_the_tie_order(tmp_path, tokenizer):
+    # x, y and <eos> each occur twice: first appearances x (0), <eos> (1), y (2)
+    corpus = data.Corpus(make_corpus(tmp_path, "x\ny x y\n", "y\n", "x\n"), cache=False)
+    assert corpus.dictionary.idx2word == ["x", "<eos>", "y"]
+
+
+def test_many_ties_keep_the_order_of_first_appearance(tmp_path, tokenizer):
+    # 40 words of 3 to 8 bytes (both lookup routes), shuffled, seen 1, 2 or 3 times: more
+    # ties than a small or uniform sort keeps in order by accident
+    words = [f"t{i:02d}" + "x" * (i % 6) for i in range(40)]
+    random.Random(3).shuffle(words)
+    count = {word: 1 + i % 3 for i, word in enumerate(words)}
+    lines = [words, [w for w in words if count[w] >= 2], [w for w in words if count[w] == 3]]
+    train = "".join(" ".join(line) + "\n" for line in lines)
+    folder = make_corpus(tmp_path, train, words[7] + "\n", words[0] + "\n")
+    corpus = data.Corpus(folder, cache=False)
+    count["<eos>"] = 3  # three lines; first seen after every word
+    assert corpus.dictionary.idx2word == sorted(words + ["<eos>"], key=lambda w: -count[w])
+    assert corpus.dictionary.idx2word[:2] == [words[2], words[5]]
+    assert corpus.dictionary.idx2word[13:15] == ["<eos>", words[1]]
+
+
+def test_every_line_ends_with_eos_including_empty_and_unterminated_ones(tmp_path, tokenizer):
+    corpus = data.Corpus(make_corpus(tmp_path, "p q\n\n\nq", "q\n", "p"), cache=False)
+    # p q <eos> <eos> <eos> q <eos>: the last line has no line break but still ends in <eos>
+    assert corpus.dictionary.idx2word == ["<eos>", "q", "p"]
+    assert ids(corpus.train) == [2, 1, 0, 0, 0, 1, 0]
+    assert ids(corpus.test) == [2, 0]
+
+
+def test_line_breaks_and_whitespace_follow_python_text_mode(tmp_path, tokenizer):
+    # \r\n and a lone \r end lines; \t \v \f and \x1c-\x1f separate tokens within a line
+    text = "a\r\nb\rc\td\x0be\x0cf\x1cg\x1dh\x1ei\x1fj k\r\r\n"
+    corpus = data.Corpus(make_corpus(tmp_path, text, "a\n", "a\n"), cache=False)
+    words = [corpus.dictionary.idx2word[i] for i in ids(corpus.train)]
+    assert words == ["a", "<eos>", "b", "<eos>", "c", "d", "e", "f", "g", "h", "i", "j", "k",
+                     "<eos>", "<eos>"]
+
+
+def test_eos_written_out_is_the_same_token_as_a_line_break(tmp_path, tokenizer):
+    corpus = data.Corpus(make_corpus(tmp_path, "a <eos> a\n"), cache=False)
+    assert corpus.dictionary.idx2word == ["a", "<eos>"]
+    assert ids(corpus.train) == [0, 1, 0, 1]
+
+
+def tricky_text(rng, n):
+    tokens = ["a", "b", "ab", "abc", "12", "255", "xxxxxxxx", "z\x00", "\x01", "<eos>", "<unk>",
+              "~"]
+    gaps = [" ", "  ", "\t", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f", "\r\n", "\r",
+            "\n", "\n\n", "\r\r\n", " \n "]
+    return "".join(rng.choice(tokens) + rng.choice(gaps) for _ in range(n)) + "last"
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 37])
+def test_fast_tokenizer_equals_python_tokenizer(tmp_path, monkeypatch, chunk):
+    """Ties, <eos> written out, NUL bytes, every whitespace kind, no final line break; with
+    a tiny chunk size too, so that tokens meet chunk boundaries."""
+    rng = random.Random(chunk)
+    folder = make_corpus(tmp_path, tricky_text(rng, 4000), tricky_text(rng, 500),
+                         tricky_text(rng, 500))
+    monkeypatch.setattr(data, "TOKENIZE_CHUNK", chunk)
+    assert data._read_key_chunks(folder / "train.txt") is not None  # the fast path applies
+    fast = data.Corpus(folder, cache=False)
+    monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+    slow = data.Corpus(folder, cache=False)
+    assert fast.dictionary.idx2word == slow.dictionary.idx2word
+    for split in data.SPLITS:
+        assert torch.equal(getattr(fast, split), getattr(slow, split))
+    assert len(fast.dictionary) == 13  # 11 words, "last" and <eos>
+    assert fast.train.shape[0] > 4000
+
+
+def test_non_ascii_text_uses_python_whitespace(tmp_path):
+    # \xa0 (no-break space) and \u3000 split words; \u2028 splits but does not end the line
+    corpus = data.Corpus(make_corpus(tmp_path, "é\xa0b\u3000c\u2028d\n", "b\n", "c\n"),
+                         cache=False)
+    assert corpus.dictionary.idx2word == ["é", "b", "c", "d", "<eos>"]
+    assert ids(corpus.train) == [0, 1, 2, 3, 4]
+
+
+def test_tokens_longer_than_eight_bytes(tmp_path):
+    corpus = data.Corpus(make_corpus(tmp_path, "abcdefghij k abcdefghij\n", "k\n", "k\n"),
+                         cache=False)
+    assert corpus.dictionary.idx2word == ["abcdefghij", "k", "<eos>"]
+    assert ids(corpus.valid) == [1, 2]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_unseen_token_names_token_file_and_line(tmp_path, monkeypatch, fast):
+    if not fast:
+        monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+    folder = make_corpus(tmp_path, "a b\n", "a\nb a\nb zz a\n", "a\n")
+    with pytest.raises(InputError) as error:
+        data.Corpus(folder, cache=False)
+    message = str(error.value)
+    assert "'zz'" in message
+    assert str(folder / "valid.txt") in message
+    assert "line 3" in message
+    assert "--unk" in message and "<unk>" in message
+
+
+def test_unk_is_appended_and_takes_unseen_tokens(tmp_path, tokenizer):
+    folder = make_corpus(tmp_path, "a b\n", "zz a longword\n", "b\n")
+    corpus = data.Corpus(folder, unk=True, cache=False)
+    assert corpus.dictionary.idx2word == ["a", "b", "<eos>", "<unk>"]
+    assert ids(corpus.valid) == [3, 0, 3, 2]
+    assert ids(corpus.test) == [1, 2]
+
+
+def test_unk_already_in_train_keeps_its_id(tmp_path, tokenizer):
+    corpus = data.Corpus(make_corpus(tmp_path, "<unk> a <unk>\n", "q\n", "a\n"), unk=True,
+                         cache=False)
+    assert corpus.dictionary.idx2word == ["<unk>", "a", "<eos>"]
+    assert ids(corpus.valid) == [0, 2]
+
+
+def test_byte_format_corpus_is_byte_level(tmp_path, tokenizer):
+    corpus = data.Corpus(make_corpus(tmp_path, "104 105 \n 104", "105\n", "104\n"),
+                         cache=False)
+    assert corpus.byte_level
+    assert corpus.dictionary.idx2word == ["104", "<eos>", "105"]
+    assert data.decode_tokens(corpus.train, corpus.dictionary.idx2word, True) == b"hi\nh\n"
+
+
+@pytest.mark.parametrize("name", ["train", "valid", "test"])
+def test_empty_split_is_an_error(tmp_path, name):
+    texts = {"train": "a\n", "valid": "a\n", "test": "a\n", name: ""}
+    folder = make_corpus(tmp_path, **texts)
+    with pytest.raises(InputError, match=f"{name}.txt: empty split"):
+        data.Corpus(folder, cache=False)
+
+
+def test_missing_folder_and_missing_split_file(tmp_path):
+    with pytest.raises(InputError, match="nowhere: data folder not found"):
+        data.Corpus(tmp_path / "nowhere")
+    folder = make_corpus(tmp_path / "c", "a\n")
+    (folder / "test.txt").unlink()
+    with pytest.raises(InputError, match=r"test\.txt: split file not found"):
+        data.Corpus(folder)
+
+
+def test_text_that_is_not_utf8_is_an_error(tmp_path):
+    folder = make_corpus(tmp_path, b"caf\xe9\n")
+    with pytest.raises(InputError, match=r"train\.txt: not UTF-8 text"):
+        data.Corpus(folder, cache=False)
+
+
+def test_dictionary_add_word_keeps_existing_ids():
+    dictionary = data.Dictionary(["x", "y"])
+    assert dictionary.add_word("y") == 1
+    assert dictionary.add_word("z") == 2
+    assert len(dictionary) == 3 and dictionary.idx2word == ["x", "y", "z"]
+
+
+# --- cache -------------------------------------------------------------------------------
+
+def test_cache_is_used_on_the_second_load(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b a\n", "b\n", "a\n")
+    first = data.Corpus(folder)
+    assert (folder / data.CACHE_NAME).is_file()
+    monkeypatch.setattr(data, "_build", lambda *args: pytest.fail("the corpus was rebuilt"))
+    second = data.Corpus(folder)
+    assert second.dictionary.idx2word == first.dictionary.idx2word == ["a", "b", "<eos>"]
+    assert ids(second.train) == ids(first.train) == [0, 1, 0, 2]
+    assert second.train.dtype == torch.int64
+
+
+def test_cache_stores_compact_ids(tmp_path):
+    folder = make_corpus(tmp_path, "a b a\n", "b\n", "a\n")
+    data.Corpus(folder)
+    state = torch.load(folder / data.CACHE_NAME, weights_only=True)
+    assert state["train"].dtype == torch.uint8
+    assert state["idx2word"] == ["a", "b", "<eos>"]
+
+
+def count_builds(monkeypatch):
+    calls = []
+    build = data._build
+
+    def counting(*args):
+        calls.append(args)
+        return build(*args)
+    monkeypatch.setattr(data, "_build", counting)
+    return calls
+
+
+def test_cache_is_rebuilt_when_a_file_changes_size(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    data.Corpus(folder)
+    calls = count_builds(monkeypatch)
+    (folder / "valid.txt").write_text("b b a\n")
+    corpus = data.Corpus(folder)
+    assert len(calls) == 1
+    assert ids(corpus.valid) == [1, 1, 0, 2]
+    data.Corpus(folder)
+    assert len(calls) == 1  # the rebuilt cache was written back
+
+
+def test_cache_is_rebuilt_when_only_the_mtime_changes(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    data.Corpus(folder)
+    calls = count_builds(monkeypatch)
+    info = (folder / "test.txt").stat()
+    os.utime(folder / "test.txt", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
+    data.Corpus(folder)
+    assert len(calls) == 1
+
+
+def test_cache_depends_on_unk(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    data.Corpus(folder)
+    calls = count_builds(monkeypatch)
+    assert data.Corpus(folder, unk=True).dictionary.idx2word[-1] == "<unk>"
+    assert len(calls) == 1
+
+
+def test_corrupt_cache_is_rebuilt_and_replaced(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    (folder / data.CACHE_NAME).write_bytes(b"not a torch file")
+    calls = count_builds(monkeypatch)
+    corpus = data.Corpus(folder)
+    assert len(calls) == 1
+    assert corpus.dictionary.idx2word == ["a", "b", "<eos>"]
+    state = torch.load(folder / data.CACHE_NAME, weights_only=True)
+    assert state["idx2word"] == ["a", "b", "<eos>"]
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_cache_false_neither_reads_nor_writes(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    data.Corpus(folder, cache=False)
+    assert not (folder / data.CACHE_NAME).exists()
+    data.Corpus(folder)
+    monkeypatch.setattr(data, "_load_cache", lambda *args: pytest.fail("the cache was read"))
+    assert data.Corpus(folder, cache=False).dictionary.idx2word == ["a", "b", "<eos>"]
+
+
+def test_unwritable_folder_skips_the_cache(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(data, "atomic_save", refuse)
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    assert ids(data.Corpus(folder).train) == [0, 1, 2]
+    assert not (folder / data.CACHE_NAME).exists()
+
+
+# --- batching ----------------------------------------------------------------------------
+
+def test_batchify_makes_contiguous_columns_and_drops_the_tail():
+    stream = torch.arange(23, dtype=torch.uint8)
+    batched = data.batchify(stream, 4)  # 5 rows; tokens 20, 21, 22 are dropped
+    assert batched.dtype == torch.uint8
+    assert batched.is_contiguous()
+    assert batched.tolist() == [[0, 5, 10, 15], [1, 6, 11, 16], [2, 7, 12, 17],
+                                [3, 8, 13, 18], [4, 9, 14, 19]]
+
+
+def test_batchify_needs_two_rows():
+    with pytest.raises(InputError, match="batch size 4 is too large for 7 tokens"):
+        data.batchify(torch.arange(7), 4)
+    assert data.batchify(torch.arange(8), 4).shape == (2, 4)
+
+
+def test_get_batch_shifts_targets_and_cuts_the_last_batch():
+    source = data.batchify(torch.arange(20, dtype=torch.int16), 4)  # [5, 4]
+    x, y = data.get_batch(source, 0, 3)
+    assert x.dtype == y.dtype == torch.int64
+    assert x.tolist() == [[0, 5, 10, 15], [1, 6, 11, 16], [2, 7, 12, 17]]
+    assert y.tolist() == [[1, 6, 11, 16], [2, 7, 12, 17], [3, 8, 13, 18]]
+    x, y = data.get_batch(source, 3, 3)  # only 5 - 1 - 3 = 1 step left
+    assert x.tolist() == [[3, 8, 13, 18]]
+    assert y.tolist() == [[4, 9, 14, 19]]
+
+
+@pytest.mark.parametrize("ntokens, dtype", [
+    (1, torch.uint8), (256, torch.uint8), (257, torch.int16), (32768, torch.int16),
+    (32769, torch.int32), (2 ** 31, torch.int32), (2 ** 31 + 1, torch.int64)])
+def test_compact_dtype(ntokens, dtype):
+    assert data.compact_dtype(ntokens) == dtype
+
+
+def test_decode_tokens():
+    bytes_vocab = ["<eos>", "104", "105", "<unk>"]
+    assert data.decode_tokens(torch.tensor([[1], [2], [0], [1]]), bytes_vocab, True) == b"hi\nh"
+    assert data.decode_tokens([3, 2], bytes_vocab, True) == b"<unk>i"
+    words = ["<eos>", "the", "cat"]
+    assert data.decode_tokens([1, 2, 0, 2, 0], words, False) == "the cat\ncat\n"
+    assert data.decode_tokens(torch.tensor([2, 0, 1]), words, False) == "cat\nthe"
+
+
+# --- dataset preparation -----------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"", b"\n", b"A", b"\nA\n\nB\n", b"\n\n\x00\xff 9\n",
+                                 bytes(range(256)) * 3])
+def test_byte_format_matches_the_one_liner(raw):
+    assert data.byte_format(raw) == one_liner(raw)
+
+
+def test_byte_format_writer_across_chunks(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    raw = bytes(rng.choice([10, 10, 32, 65, 0, 255, 7]) for _ in range(1000)) + b"\n"
+    monkeypatch.setattr(data, "WRITE_CHUNK", 7)
+    with open(tmp_path / "out.txt", "wb") as f:
+        data._write_byte_format(raw, f)
+    assert (tmp_path / "out.txt").read_bytes() == one_liner(raw)
+
+
+def zip_with(path, members):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return path
+
+
+def sample_bytes(n, seed):
+    """Bytes from a small alphabet with line breaks at the start, the end and in runs."""
+    rng = random.Random(seed)
+    body = bytes(rng.choice(b"ab c\n\x00\xe9") for _ in range(n - 4))
+    return b"\n" + body[: n // 2] + b"\n\n" + body[n // 2:] + b"\n"
+
+
+def test_prepare_enwik8_splits_off_the_last_bytes(tmp_path, capsys):
+    raw = sample_bytes(3500, 1)
+    archive = zip_with(tmp_path / "enwik8.zip", {"enwik8": raw})
+    out = tmp_path / "enwik8"
+    data.prepare_enwik8(archive, out, split=1000)
+    parts = {"train": raw[:1500], "valid": raw[1500:2500], "test": raw[2500:]}
+    for split, part in parts.items():
+        assert (out / f"{split}.txt.raw").read_bytes() == part
+        assert (out / f"{split}.txt").read_bytes() == one_liner(part)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[2].startswith("train: 1,500 bytes")
+    corpus = data.Corpus(out, cache=False)
+    assert corpus.byte_level
+    decoded = data.decode_tokens(corpus.train, corpus.dictionary.idx2word, True)
+    assert decoded == parts["train"] + (b"" if parts["train"].endswith(b"\n") else b"\n")
+
+
+def test_prepare_text8_uses_the_usual_split(tmp_path):
+    rng = random.Random(2)
+    raw = bytes(rng.choice(b"abcdefgh ") for _ in range(5000))
+    archive = zip_with(tmp_path / "text8.zip", {"text8": raw})
+    data.prepare_text8(archive, tmp_path / "text8", split=1000)
+    for split, part in (("train", raw[:3000]), ("valid", raw[3000:4000]), ("test", raw[4000:])):
+        assert (tmp_path / "text8" / f"{split}.txt.raw").read_bytes() == part
+        assert (tmp_path / "text8" / f"{split}.txt").read_bytes() == one_liner(part)
+    corpus = data.Corpus(tmp_path / "text8", cache=False)
+    assert corpus.train.shape[0] == 3001  # one token per byte, plus the <eos> of the one line
+
+
+def test_prepare_byte_corpus_errors(tmp_path):
+    with pytest.raises(InputError, match="missing.zip: archive not found"):
+        data.prepare_enwik8(tmp_path / "missing.zip", tmp_path / "out")
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a zip archive"):
+        data.prepare_enwik8(tmp_path / "bad.zip", tmp_path / "out")
+    archive = zip_with(tmp_path / "other.zip", {"enwik9": b"x"})
+    with pytest.raises(InputError, match="no member named enwik8"):
+        data.prepare_enwik8(archive, tmp_path / "out")
+    archive = zip_with(tmp_path / "small.zip", {"text8": b"abc"})
+    with pytest.raises(InputError, match="too few"):
+        data.prepare_text8(archive, tmp_path / "out", split=2)
+    assert not (tmp_path / "out" / "train.txt").exists()
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_prepare_wikitext(tmp_path, raw):
+    """Token archives are copied (word level); raw ones go to the byte format, with .raw."""
+    folder, suffix = ("wikitext-103-raw", "raw") if raw else ("wikitext-2", "tokens")
+    texts = {split: f" = Café = \n the {split} text @-@ \n".encode() for split in data.SPLITS}
+    archive = zip_with(tmp_path / "wikitext.zip",
+                       {f"{folder}/wiki.{split}.{suffix}": text for split, text in texts.items()})
+    data.prepare_wikitext(archive, tmp_path / "out")
+    for split, text in texts.items():
+        written = (tmp_path / "out" / f"{split}.txt").read_bytes()
+        assert written == (one_liner(text) if raw else text)
+        raw_file = tmp_path / "out" / f"{split}.txt.raw"
+        assert raw_file.read_bytes() == text if raw else not raw_file.exists()
+
+
+def test_prepare_wikitext_needs_all_three_splits(tmp_path):
+    archive = zip_with(tmp_path / "partial.zip", {"wikitext-2/wiki.train.tokens": b"a\n"})
+    with pytest.raises(InputError, match="no member named wiki.valid.tokens"):
+        data.prepare_wikitext(archive, tmp_path / "partial")
+
+
+def make_ptb_archive(path):
+    files = {}
+    for split in data.SPLITS:
+        files[f"ptb.{split}.txt"] = f" the {split} <unk> N \n".encode()
+        files[f"ptb.char.{split}.txt"] = f"t h e _ {split[0]} \n".encode()
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(f"./simple-examples/data/{name}")
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path, files
+
+
+@pytest.mark.parametrize("char", [False, True])
+def test_prepare_ptb(tmp_path, char):
+    archive, files = make_ptb_archive(tmp_path / "simple-examples.tgz")
+    out = tmp_path / ("pennchar" if char else "penn")
+    data.prepare_ptb(archive, out, char=char)
+    for split in data.SPLITS:
+        name = f"ptb.char.{split}.txt" if char else f"ptb.{split}.txt"
+        assert (out / f"{split}.txt").read_bytes() == files[name]
+
+
+def test_prepare_ptb_rejects_a_file_that_is_not_a_tar_archive(tmp_path):
+    (tmp_path / "simple-examples.tgz").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="not a readable tar archive"):
+        data.prepare_ptb(tmp_path / "simple-examples.tgz", tmp_path / "penn")
+
+
+def test_cli_reports_a_missing_archive_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "data.py", "prepare", "enwik8", str(tmp_path / "enwik8.zip"),
+         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'enwik8.zip'}: archive not found"]
+
+
+def test_cli_prepares_text8(tmp_path):
+    zip_with(tmp_path / "text8.zip", {"text8": b"abc de" * 10})
+    result = subprocess.run(
+        [sys.executable, "data.py", "prepare", "text8", str(tmp_path / "text8.zip"),
+         str(tmp_path / "text8"), "--split", "20"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    assert (tmp_path / "text8" / "test.txt.raw").read_bytes() == (b"abc de" * 10)[-20:]
+
+
+# --- the shipped sample corpus -----------------------------------------------------------
+
+def test_sample_corpus_loads_and_stays_small():
+    folder = ROOT / "data" / "sample"
+    corpus = data.Corpus(folder, cache=False)
+    assert corpus.byte_level
+    assert corpus.train.shape[0] > 10 * corpus.valid.shape[0] > 0
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.name != data.CACHE_NAME)
+    assert size < 2_000_000
