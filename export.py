@@ -26,7 +26,6 @@ and has no mem inputs or outputs.
 onnx, onnxscript and onnxruntime are optional dependencies, needed only here.
 """
 
-import argparse
 import contextlib
 import logging
 import os
@@ -37,7 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from utils import InputError, check_writable, first_line, load_checkpoint, model_from_checkpoint
+from utils import (InputError, Parser, check_writable, first_line, load_checkpoint,
+                   model_from_checkpoint)
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -45,13 +45,6 @@ MAX_OPSET = 23
 EXAMPLE = dict(T=5, B=3, M=7)  # tracing sizes: distinct and above 1 so none is specialised
 CHECK = dict(T=2, B=1, M=1)  # the onnxruntime self-check: sizes unlike the tracing example
 CHECK_TOL = 1e-3
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of the usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class Port(NamedTuple):

@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import Corpus, batchify, compact_dtype, get_batch
 from lamb import Lamb
 from model import SHARNN, attn_layers_in
-from utils import (ARCH_KEYS, FORMAT, InputError, RunLog, all_finite, atomic_save,
-                   check_writable, environment, load_checkpoint, safe_exp, write_json)
+from utils import (FORMAT, InputError, Parser, RunLog, all_finite, atomic_save, check_writable,
+                   environment, load_checkpoint, safe_exp, write_json)
 
 OPTIMIZERS = ("lamb", "sgd", "adam", "adamw", "adagrad")
 MIN_TRUST = 0.25  # LAMB's trust-ratio floor in the paper's runs
@@ -43,13 +42,6 @@ DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000],
 
 
 # --- flags -------------------------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of the usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
 
 def attn_layers_flag(text):
     """--attn-layers: 'all', 'none' or a comma list of block indices."""
@@ -292,7 +284,7 @@ def make_scaler(device, amp):
 
 def model_config(args, ntokens, checkpoint=None, byte_level=True):
     """The architecture: from the flags, or from the checkpoint, where an explicit flag that
-    contradicts the checkpoint is an error. Returns a dict of ARCH_KEYS."""
+    contradicts the checkpoint is an error. Returns the SHARNN keyword arguments."""
     attn = args.attn_layers
     flags = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
                  attn_layers=(list(range(args.nlayers)) if attn == "all" else [] if attn == "none"
@@ -1008,7 +1000,8 @@ def run_main(args, tmp):
     scaler = make_scaler(device, args.amp)
     if args.continue_from:
         optimizer.load_state_dict(start["optimizer"])
-        scaler.load_state_dict(start["scaler"])
+        if scaler.is_enabled() and start["scaler"]:
+            scaler.load_state_dict(start["scaler"])
         restore_rng(np_rng, start["rng"], d)
     stop = Stop()
     run = Run(args, model, net, optimizer, scaler, config, vocab, train_data, val_data,

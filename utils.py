@@ -1,23 +1,32 @@
 """Small helpers shared by main.py, data.py and the scripts: errors, checkpoints, run records."""
 
+import argparse
 import json
 import math
 import os
 import pickle
 import platform
+import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 
 import torch
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
-ARCH_KEYS = ("ntoken", "ninp", "nhid", "nlayers", "attn_layers", "heads", "mem_len", "cutoffs")
 
 
 class InputError(ValueError):
     """Bad user input (flags, files, checkpoints): reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def safe_exp(x):
@@ -79,13 +88,18 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) files
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) or "global" in str(e):
-            raise InputError(f"{path} holds pickled Python objects (the original code's "
-                             f"[model, criterion, optimizer] format), which are not loaded "
-                             f"because unpickling can run code; {convert_hint(path)}") from None
-        raise InputError(f"checkpoint {path} is corrupt: {first_line(e)}") from None
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise InputError(f"{path} holds pickled Python objects ({found.group(1)}), like the "
+                             f"original code's [model, criterion, optimizer] files; they are not "
+                             f"loaded because unpickling can run code; {convert_hint(path)}") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        raise InputError(f"checkpoint {path} is corrupt or not a torch checkpoint "
+                         f"({detail[0] if detail else type(e).__name__})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise InputError(f"checkpoint {path} is truncated or corrupt: {first_line(e)}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
