@@ -4,6 +4,13 @@ import sys
 
 import pytest
 
+# The tests use tiny models, for which one thread is fastest; subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

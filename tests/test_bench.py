@@ -1,0 +1,140 @@
+"""bench.py: its bare floor computes what the model computes, and the CLI's output shape."""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import main
+from lamb import Lamb
+from model import SHARNN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "8", "--batch_size", "2",
+        "--mem-len", "20", "--ntoken", "20", "--steps", "2", "--warmup-steps", "1",
+        "--device", "cpu", "--threads", "1"]
+RESULT = r"[\d,]+\.\d ms/batch, [\d,]+ tokens/s, peak [\d,]+ MB"
+
+
+def tiny_model(sdpa, attn_layers=(0, 1), heads=2, seed=0):
+    """Two blocks, no dropout, a memory shorter than what the steps produce (so it is cut)."""
+    torch.manual_seed(seed)
+    model = SHARNN(23, 16, 32, 2, dropout=0.0, dropouth=0.0, dropouti=0.0,
+                   attn_layers=list(attn_layers), heads=heads, mem_len=13, sdpa=sdpa)
+    with torch.no_grad():  # non-zero gates and LayerNorm parameters, so every path matters
+        for name, p in model.named_parameters():
+            if name.endswith(("qs", "ks", "vs")) or "ln" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.train()
+
+
+def batches(n=4, bptt=6, bsz=3):
+    return bench.synthetic_batches(n, bptt, bsz, 23, seed=1, device=CPU)
+
+
+@pytest.mark.parametrize("sdpa,attn_layers,heads", [(True, (0, 1), 2), (False, (0, 1), 1),
+                                                    (True, (0,), 1), (False, (), 1)])
+def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_layers, heads):
+    model = tiny_model(sdpa, attn_layers, heads)
+    twin = copy.deepcopy(model)
+    P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
+    scaler = main.make_scaler(CPU, "none")
+    hidden = mems = floor_hidden = floor_mems = None
+    for x, y in batches():
+        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
+                                                   main.autocast(CPU, "none"))
+        output, floor_hidden, floor_mems = bench.floor_forward(P, cfg, x, floor_hidden,
+                                                               floor_mems, True)
+        floor_loss = bench.floor_loss(P, output, y)
+        floor_loss.backward()
+        assert floor_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+        for (name, p), q in zip(model.named_parameters(), P.values()):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        for a, b in zip(floor_mems, mems):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        floor_hidden = [tuple(t.detach() for t in hc) for hc in floor_hidden]
+        floor_mems = [None if m is None else m.detach() for m in floor_mems]
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_floor_step_matches_the_real_training_step(sdpa):
+    model = tiny_model(sdpa)
+    twin = copy.deepcopy(model)
+    P = dict(twin.named_parameters())
+    real = bench.model_train_step(model, bench.build_optimizer(list(model.parameters())),
+                                  main.make_scaler(CPU, "none"), CPU, "none")
+    floor = bench.floor_train_step(P, bench.floor_config(twin),
+                                   bench.build_optimizer(list(P.values())),
+                                   main.make_scaler(CPU, "none"), CPU, "none")
+    start = [p.detach().clone() for p in model.parameters()]
+    for n, (x, y) in enumerate(batches(), 1):
+        assert floor(x, y).item() == pytest.approx(real(x, y).item(), abs=1e-5)
+        if n == 2:  # after two full steps the weights have moved, and moved alike
+            for (name, p), q in zip(model.named_parameters(), P.values()):
+                torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5, msg=name)
+            assert any(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
+
+
+def test_optimizer_is_the_papers_lamb():
+    opt = bench.build_optimizer([torch.nn.Parameter(torch.ones(2))])
+    assert isinstance(opt, Lamb)
+    group = opt.param_groups[0]
+    assert group["min_trust"] == 0.25 and group["weight_decay"] == 1.2e-6
+
+
+def test_warmup_fills_the_attention_memory():
+    args = bench.build_parser().parse_args([])
+    model = SHARNN(205, 8, 16, 4, mem_len=5000)
+    assert bench.warmup_steps(args, model) == 5 + 2  # ceil(5000 / 1024) + 2
+    args = bench.build_parser().parse_args(["--warmup-steps", "20"])
+    assert bench.warmup_steps(args, model) == 20
+    args = bench.build_parser().parse_args(["--attn-layers", "none", "--warmup-steps", "1"])
+    assert bench.warmup_steps(args, SHARNN(205, 8, 16, 4, attn_layers=[])) == 1
+
+
+def test_synthetic_batches_are_seeded_and_shifted():
+    (x, y), = bench.synthetic_batches(1, 5, 2, 7, seed=3, device=CPU)
+    (x2, _), = bench.synthetic_batches(1, 5, 2, 7, seed=3, device=CPU)
+    assert x.shape == y.shape == (5, 2) and torch.equal(x, x2)
+    assert torch.equal(x[1:], y[:-1])
+
+
+def run_bench(*extra):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *TINY, *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
+def test_cli_train_prints_the_train_line_last():
+    lines = run_bench()
+    assert any(line.startswith("device: CPU") for line in lines)
+    assert re.fullmatch("train: " + RESULT, lines[-1]), lines[-1]
+
+
+def test_cli_eval_prints_the_eval_line_last():
+    lines = run_bench("--eval")
+    assert re.fullmatch("eval: " + RESULT, lines[-1]), lines[-1]
+
+
+def test_cli_floor_prints_floor_and_overhead():
+    lines = run_bench("--floor", "--attn-layers", "all", "--heads", "2")
+    assert re.fullmatch("train: " + RESULT, lines[-1]), lines[-1]
+    assert any(re.fullmatch(r"floor: [\d,]+\.\d ms/batch", line) for line in lines)
+    assert any(re.fullmatch(r"overhead: [+-]\d+\.\d%", line) for line in lines)
+
+
+def test_cli_rejects_bad_flags():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--steps", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "--steps must be positive" in proc.stderr
