@@ -70,7 +70,8 @@ def interval_flag(text):
 
 def build_parser():
     p = Parser(description="Train and evaluate the SHA-RNN (Merity 2019) language model. "
-                           "Defaults reproduce the paper's enwik8 first pass.")
+                           "Defaults reproduce the paper's enwik8 first pass.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", default="data/enwik8/", help="corpus folder with train.txt, valid.txt, test.txt")
     a("--unk", action="store_true", help="map valid/test tokens unseen in train to <unk> "
@@ -81,15 +82,15 @@ def build_parser():
     g.add_argument("--nhid", type=int, default=4096, help="Boom feed-forward width, a multiple of --emsize")
     g.add_argument("--nlayers", type=int, default=4, help="number of blocks")
     g.add_argument("--attn-layers", type=attn_layers_flag, default=None,
-                   help="blocks with attention: all, none, or a comma list of indices "
-                        "(default: block nlayers-2, the paper's single attention)")
+                   help="blocks with attention: all, none, or a comma list of indices; "
+                        "None means block nlayers-2, the paper's single attention")
     g.add_argument("--heads", type=int, default=1, help="split the attention into this many heads")
     g.add_argument("--mem-len", type=int, default=5000,
                    help="total attention window (memory + current positions); 0 carries no memory")
     g.add_argument("--adaptive-softmax", action="store_true",
                    help="adaptive softmax output for large word vocabularies (untied)")
     g.add_argument("--cutoffs", type=int, nargs="+", default=None,
-                   help="adaptive softmax cluster boundaries (default by vocabulary size)")
+                   help="adaptive softmax cluster boundaries; None picks them by vocabulary size")
     g = p.add_argument_group("regularisation")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout on the final output")
     g.add_argument("--dropouth", type=float, default=0.1,
@@ -108,7 +109,7 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=800, help="linear warmup steps (batches)")
     g.add_argument("--cooldown", type=int, default=None,
                    help="decay the learning rate linearly to 0 over the last N nominal steps "
-                        "(epochs x batches per epoch); off by default")
+                        "(epochs x batches per epoch); None: no cooldown")
     g.add_argument("--when", type=int, nargs="+", default=[],
                    help="epochs after which the learning rate is divided by 10")
     g.add_argument("--nonmono", type=int, default=5,
@@ -133,9 +134,9 @@ def build_parser():
                    help="recompute attention and feed-forward activations in backward to save memory")
     g.add_argument("--save", default="ENWIK8.pt", help="best-validation checkpoint path")
     g.add_argument("--last", default=None,
-                   help="checkpoint to continue from after a stop (default: SAVE with .last.pt)")
-    g.add_argument("--save-interval", type=interval_flag, default=(30.0, "min"),
-                   help="also write the last checkpoint every N batches, or Nmin minutes (default 30min)")
+                   help="checkpoint to continue from after a stop; None: SAVE with .last.pt")
+    g.add_argument("--save-interval", type=interval_flag, default="30min",
+                   help="also write the last checkpoint every N batches, or every N minutes as Nmin")
     g.add_argument("--resume", default="",
                    help="start from these weights (this project's checkpoint or an original "
                         "state_dict) with a fresh optimizer and warmup: the paper's second pass")
@@ -156,7 +157,7 @@ def build_parser():
     g.add_argument("--max-nonfinite", type=int, default=100,
                    help="stop after this many consecutive non-finite losses")
     g.add_argument("--run-dir", default=None,
-                   help="folder for args.json, env.json, log.txt, metrics.jsonl (default: SAVE with .run)")
+                   help="folder for args.json, env.json, log.txt, metrics.jsonl; None: SAVE with .run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     g.add_argument("--dry-run", action="store_true",
                    help="smoke test: a few batches of train, valid and test, checkpoints in a "

@@ -18,6 +18,16 @@ WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in o
          "under a grey sky near the river bank").split()
 
 
+def perturb(model):
+    """Give the attention gates and LayerNorms non-trivial values (they start at 0 and 1), so
+    that every term of the computation matters; returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".qs", ".ks", ".vs")) or ".ln" in name or ".qln" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
 def byte_format(data):
     """SPEC.md section 1: each byte as its decimal value, newline bytes as line breaks."""
     return " ".join(str(b) if b != 10 else "\n" for b in data)

@@ -15,6 +15,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import export  # noqa: E402
+from conftest import perturb  # noqa: E402
 from model import SHARNN  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,10 +30,7 @@ def tiny_checkpoint(path, **overrides):
     config = dict(CONFIG, **overrides)
     torch.manual_seed(0)
     model = SHARNN(**config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".qs", ".ks", ".vs")) or ".ln" in name or ".qln" in name:
-                p.add_(0.5 * torch.randn_like(p))
+    perturb(model)
     torch.save({"format": "sha-rnn", "version": 1, "model": model.state_dict(), "config": config,
                 "vocab": [f"t{i}" for i in range(config["ntoken"])], "metrics": {},
                 "args": {}}, path)

@@ -9,6 +9,7 @@ import torch
 
 import generate
 from data import EOS
+from conftest import perturb
 from model import SHARNN
 from utils import FORMAT
 
@@ -35,10 +36,7 @@ def tiny_model(vocab, **overrides):
     config = dict(CONFIG, ntoken=len(vocab), **overrides)
     torch.manual_seed(0)
     model = SHARNN(**config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".qs", ".ks", ".vs")) or ".ln" in name or ".qln" in name:
-                p.add_(0.5 * torch.randn_like(p))
+    perturb(model)
     return model.eval(), config
 
 

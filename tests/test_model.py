@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import perturb
 from model import SHARNN, attn_layers_in
 
 
@@ -15,10 +16,7 @@ def tiny(**kw):
     torch.manual_seed(0)
     model = SHARNN(**cfg).double()
     # Non-trivial gates and LayerNorms so every term of the computation matters.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith((".qs", ".ks", ".vs")) or ".ln" in name or ".qln" in name:
-                p.add_(0.5 * torch.randn_like(p))
+    perturb(model)
     return model.eval()
 
 
