@@ -104,8 +104,8 @@ def _grad(p, found_inf, grad_scale):
 def _single_tensor_lamb(params, exp_avgs, exp_avg_sqs, group, found_inf, grad_scale):
     beta1, beta2 = group["betas"]
     eps, wd, lr = group["eps"], group["weight_decay"], group["lr"]
+    b1, b2, keep = _coefficients(group, found_inf, params[0].device)
     for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
-        b1, b2, keep = _coefficients(group, found_inf, p.device)
         g = _grad(p, found_inf, grad_scale)
         m.mul_(b1).add_(g, alpha=1 - beta1)
         v.mul_(b2).addcmul_(g, g, value=1 - beta2)

@@ -68,6 +68,32 @@ def interval_flag(text):
     return value, unit
 
 
+def add_model_flags(g):
+    """The architecture flags (main.py and bench.py)."""
+    g.add_argument("--emsize", type=int, default=1024, help="embedding and LSTM size (ninp)")
+    g.add_argument("--nhid", type=int, default=4096, help="Boom feed-forward width, a multiple of --emsize")
+    g.add_argument("--nlayers", type=int, default=4, help="number of blocks")
+    g.add_argument("--attn-layers", type=attn_layers_flag, default=None,
+                   help="blocks with attention: all, none, or a comma list of indices; "
+                        "None means block nlayers-2, the paper's single attention")
+    g.add_argument("--heads", type=int, default=1, help="split the attention into this many heads")
+    g.add_argument("--mem-len", type=int, default=5000,
+                   help="total attention window (memory + current positions); 0 carries no memory")
+
+
+def add_device_flags(g):
+    """Where and how the step runs (main.py and bench.py)."""
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks CUDA when present")
+    g.add_argument("--amp", choices=("fp16", "bf16", "none"), default="fp16",
+                   help="CUDA mixed precision: fp16 with loss scaling (like the original's "
+                        "apex O1), bf16, or none; CPU always runs float32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the attention and feed-forward parts (LSTMs stay eager)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute attention and feed-forward activations in backward to save memory")
+
+
 def build_parser():
     p = Parser(description="Train and evaluate the SHA-RNN (Merity 2019) language model. "
                            "Defaults reproduce the paper's enwik8 first pass.",
@@ -78,15 +104,7 @@ def build_parser():
       "instead of stopping with an error")
     g = p.add_argument_group("model (stored in the checkpoint; a value that contradicts a "
                              "resumed checkpoint is an error)")
-    g.add_argument("--emsize", type=int, default=1024, help="embedding and LSTM size (ninp)")
-    g.add_argument("--nhid", type=int, default=4096, help="Boom feed-forward width, a multiple of --emsize")
-    g.add_argument("--nlayers", type=int, default=4, help="number of blocks")
-    g.add_argument("--attn-layers", type=attn_layers_flag, default=None,
-                   help="blocks with attention: all, none, or a comma list of indices; "
-                        "None means block nlayers-2, the paper's single attention")
-    g.add_argument("--heads", type=int, default=1, help="split the attention into this many heads")
-    g.add_argument("--mem-len", type=int, default=5000,
-                   help="total attention window (memory + current positions); 0 carries no memory")
+    add_model_flags(g)
     g.add_argument("--adaptive-softmax", action="store_true",
                    help="adaptive softmax output for large word vocabularies (untied)")
     g.add_argument("--cutoffs", type=int, nargs="+", default=None,
@@ -123,15 +141,7 @@ def build_parser():
                    help="sum the gradients of N batches before each optimizer step")
     g.add_argument("--seed", type=int, default=5512, help="random seed")
     g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto picks CUDA when present")
-    g.add_argument("--amp", choices=("fp16", "bf16", "none"), default="fp16",
-                   help="CUDA mixed precision: fp16 with loss scaling (like the original's "
-                        "apex O1), bf16, or none; CPU always runs float32")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the attention and feed-forward parts (LSTMs stay eager)")
-    g.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute attention and feed-forward activations in backward to save memory")
+    add_device_flags(g)
     g.add_argument("--save", default="ENWIK8.pt", help="best-validation checkpoint path")
     g.add_argument("--last", default=None,
                    help="checkpoint to continue from after a stop; None: SAVE with .last.pt")
@@ -389,7 +399,7 @@ def forward_backward(net, model, x, y, hidden, mems, scaler, amp_ctx):
 def apply_gradients(params, optimizer, scaler, clip):
     """Unscale, clip the global gradient norm, step, update the loss scale, zero the grads.
     A step whose gradients are not finite is skipped, without host synchronisation for
-    LAMB. Returns the (pre-clip) gradient norm as a tensor."""
+    LAMB on CUDA. Returns the (pre-clip) gradient norm as a tensor."""
     scaler.unscale_(optimizer)
     if clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -397,11 +407,11 @@ def apply_gradients(params, optimizer, scaler, clip):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if scaler.is_enabled():
         scaler.step(optimizer)  # skips the step on inf/nan gradients
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf = (~torch.isfinite(norm)).float()
+    elif norm.is_cuda and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~torch.isfinite(norm)).float()  # LAMB skips on the device
         optimizer.step()
         del optimizer.found_inf
-    elif torch.isfinite(norm):  # other optimizers: one host synchronisation
+    elif torch.isfinite(norm):  # a host check: free on the CPU, one sync for other optimizers
         optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,460 @@
+"""Throughput and peak memory of the real SHA-RNN training (or evaluation) step.
+
+The step timed is the one main.py runs: forward with the carried LSTM states and attention
+memories, loss, scaled backward, unscale and clip, LAMB step, zero_grad. Timing starts once
+the attention memory is full (steady state) and reports the median step:
+
+    python bench.py --device cuda --amp fp16 --steps 20          # the paper's sizes
+    python bench.py --emsize 128 --nhid 512 --bptt 128 --batch_size 8 --steps 20 --floor
+
+`--floor` also times a bare implementation of the same computation (plain functions over
+the same parameter tensors, no modules) and prints the model's overhead over it.
+"""
+
+import argparse
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import main
+from lamb import Lamb
+from model import LN_EPS, SHARNN, gelu
+from utils import InputError
+
+TRAINING = main.build_parser()  # its defaults: learning rate, weight decay, clipping
+LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+
+# --- flags -------------------------------------------------------------------------------
+
+def build_parser():
+    """The flags: main.py's model and step flags, plus the measurement's."""
+    p = main.Parser(description="Time the SHA-RNN training step (or evaluation with --eval) on "
+                                "synthetic tokens, at steady state with the attention memory "
+                                "full. Defaults are the paper's sizes.",
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model (as in main.py)")
+    main.add_model_flags(g)
+    g.add_argument("--ntoken", type=int, default=205,
+                   help="vocabulary size (205 is enwik8's byte vocabulary)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the final output")
+    g.add_argument("--dropouth", type=float, default=0.1, help="dropout inside blocks")
+    g.add_argument("--dropouti", type=float, default=0.1, help="dropout on the embedding output")
+    g.add_argument("--attention", choices=("sdpa", "matmul"), default="sdpa",
+                   help="attention product: scaled_dot_product_attention (the model's default) "
+                        "or the plain matmul-softmax-matmul reference")
+    g = p.add_argument_group("step")
+    g.add_argument("--bptt", type=int, default=1024, help="sequence length of every step")
+    g.add_argument("--batch_size", type=int, default=16, metavar="N", help="batch size")
+    main.add_device_flags(g)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
+    g.add_argument("--warmup-steps", type=int, default=3,
+                   help="untimed steps before timing; raised as needed so that the attention "
+                        "memory is full (ceil(mem_len / bptt) + 2)")
+    g.add_argument("--eval", action="store_true",
+                   help="time evaluation (eval mode, no gradients) instead of training")
+    g.add_argument("--floor", action="store_true",
+                   help="also time a bare functional implementation of the same step (eager, "
+                        "no activation checkpointing) on the same weights and batches, "
+                        "interleaved with the model's steps, and print the model's overhead")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch; None keeps torch's own choice")
+    g.add_argument("--seed", type=int, default=5512, help="seed for the weights and the tokens")
+    p.set_defaults(adaptive_softmax=False)  # the byte-level model: full softmax, tied decoder
+    return p
+
+
+def check_args(args):
+    """Raise InputError on a flag value the benchmark cannot run with."""
+    for flag in ("bptt", "batch_size", "steps", "ntoken"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.warmup_steps < 0:
+        raise InputError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be positive, got {args.threads}")
+
+
+def build_model(args, device):
+    """The SHA-RNN of the flags on `device`, with --compile and --checkpoint-activations."""
+    config = main.model_config(args, args.ntoken)
+    try:
+        model = SHARNN(**config, dropout=args.dropout, dropouth=args.dropouth,
+                       dropouti=args.dropouti, sdpa=args.attention == "sdpa")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    model.to(device)
+    if args.checkpoint_activations:
+        model.set_checkpoint_activations(True)
+    if args.compile:
+        model.compile_blocks()
+    return model
+
+
+def build_optimizer(params):
+    """The paper's LAMB: min trust 0.25, weight decay and learning rate as main.py's defaults."""
+    return Lamb(params, lr=TRAINING.get_default("lr"), weight_decay=TRAINING.get_default("wdecay"),
+                min_trust=main.MIN_TRUST)
+
+
+# --- the real step -----------------------------------------------------------------------
+
+def model_train_step(model, optimizer, scaler, device, amp):
+    """A closure `step(x, y) -> loss` running main.py's training step on the model, carrying
+    the LSTM states and memories from call to call."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = TRAINING.get_default("clip")
+    hidden = mems = None
+
+    def step(x, y):
+        nonlocal hidden, mems
+        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
+                                                   main.autocast(device, amp))
+        main.apply_gradients(params, optimizer, scaler, clip)
+        return loss
+
+    return step
+
+
+def model_eval_step(model, device, amp):
+    """A closure `step(x, y) -> summed loss` running main.py's evaluation of one chunk
+    (eval mode, no gradients, autocast), carrying the state from call to call."""
+    hidden = mems = None
+
+    def step(x, y):
+        nonlocal hidden, mems
+        with torch.no_grad(), main.autocast(device, amp):
+            output, hidden, mems = model(x, hidden, mems)
+            return model.loss(output, y).sum(dtype=torch.float64)
+
+    return step
+
+
+# --- the floor: the same computation as plain functions ----------------------------------
+
+@dataclass(frozen=True)
+class FloorConfig:
+    """What the bare implementation needs to know about the model."""
+    ninp: int
+    nlayers: int
+    attn_layers: tuple
+    heads: int
+    mem_len: int
+    dropout: float
+    dropouth: float
+    dropouti: float
+    sdpa: bool
+
+
+def floor_config(model):
+    """The FloorConfig of a SHARNN."""
+    attn = [b.attn for b in model.blocks if b.attn is not None]
+    return FloorConfig(model.ninp, model.nlayers, tuple(model.attn_layers), model.heads,
+                       model.mem_len, model.drop.p, model.blocks[0].drop.p, model.idrop.p,
+                       attn[0].sdpa if attn else True)
+
+
+def layer_norm(P, name, x):
+    """LayerNorm over the last dimension with the parameters `name`.weight and .bias."""
+    return F.layer_norm(x, x.shape[-1:], P[name + ".weight"], P[name + ".bias"], LN_EPS)
+
+
+def floor_lstm(P, prefix, x, hidden, training):
+    """One-layer LSTM through the fused kernel; hidden None starts from zeros."""
+    # x: [T, B, E]; hidden: ([1, B, E], [1, B, E]) or None
+    if hidden is None:
+        zeros = x.new_zeros(1, x.shape[1], x.shape[2])
+        hidden = (zeros, zeros)
+    weights = [P[prefix + name] for name in LSTM_WEIGHTS]
+    out, h, c = torch._VF.lstm(x, hidden, weights, True, 1, 0.0, training, False, False)
+    return out, (h, c)  # out: [T, B, E]
+
+
+def floor_attention(P, prefix, cfg, query, kv, mask, training):
+    """Single-headed attention (SPEC.md section 3) of `query` over `kv`."""
+    # query: [T, B, E]; kv: [S, B, E]; mask: [T, S] bool, True = visible
+    E, H, p = cfg.ninp, cfg.heads, cfg.dropouth
+    qs, ks = torch.sigmoid(P[prefix + "qs"]), torch.sigmoid(P[prefix + "ks"])  # [1, 1, E]
+    c, f = F.linear(torch.sigmoid(P[prefix + "vs"]), P[prefix + "vq.l1.weight"],
+                    P[prefix + "vq.l1.bias"]).split(E, dim=-1)
+    vs = torch.sigmoid(f) * torch.tanh(c)  # [1, 1, E]
+    weight = P[prefix + "q.weight"]
+    with torch.autocast(query.device.type, enabled=False):
+        query = layer_norm(P, prefix + "qln",
+                           F.linear(query.to(weight.dtype), weight, P[prefix + "q.bias"]))
+    q = F.dropout(qs * query, p, training) * ks  # the key and value gates as in the model
+    k = kv
+    v = F.dropout(kv, p, training)
+    T, B, S = q.shape[0], q.shape[1], k.shape[0]
+    q = q.reshape(T, B, H, E // H).permute(1, 2, 0, 3)  # [B, H, T, D]
+    k = k.reshape(S, B, H, E // H).permute(1, 2, 0, 3)  # [B, H, S, D]
+    v = v.reshape(S, B, H, E // H).permute(1, 2, 0, 3)  # [B, H, S, D]
+    if cfg.sdpa:
+        mix = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=p if training else 0.0)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(E // H)  # [B, H, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        mix = torch.matmul(F.dropout(F.softmax(scores, dim=-1), p, training), v)  # [B, H, T, D]
+    return mix.permute(2, 0, 1, 3).reshape(T, B, E) * vs  # [T, B, E]
+
+
+def floor_boom(P, prefix, x, p, training):
+    """GELU(linear1(x)), dropout, then the nhid / ninp chunks summed."""
+    # x: [T, B, E]
+    y = F.dropout(gelu(F.linear(x, P[prefix + "linear1.weight"], P[prefix + "linear1.bias"])),
+                  p, training)  # [T, B, nhid]
+    return y.view(*y.shape[:-1], -1, x.shape[-1]).sum(dim=-2)  # [T, B, E]
+
+
+def floor_block(P, i, cfg, h, mask, mem, hidden, training):
+    """One block: LSTM, attention over memory if the block has it, Boom."""
+    # h: [T, B, E]; mem: [m, B, E] or None
+    prefix, p = f"blocks.{i}.", cfg.dropouth
+    h = layer_norm(P, prefix + "lnstart", h)
+    x, hidden = floor_lstm(P, prefix + "rnn.", h, hidden, training)
+    h = F.dropout(x, p, training)
+    new_mem = None
+    if i in cfg.attn_layers:
+        mh, h = layer_norm(P, prefix + "lnmem", h), layer_norm(P, prefix + "lnmid", h)
+        big = mh if mem is None else torch.cat([mem, mh], dim=0)  # [m + T, B, E]
+        if cfg.mem_len > 0:
+            new_mem = big[max(big.shape[0] - cfg.mem_len, 0):]
+        h = h + F.dropout(floor_attention(P, prefix + "attn.", cfg, h, big, mask, training),
+                          p, training)
+    ff = floor_boom(P, prefix + "ff.", layer_norm(P, prefix + "lnxff", h), p, training)
+    return layer_norm(P, prefix + "lnff", h) + F.dropout(ff, p, training), hidden, new_mem
+
+
+def floor_forward(P, cfg, x, hidden, mems, training):
+    """The SHA-RNN forward over parameter dict P; returns (output, hidden, mems)."""
+    # x: [T, B] token ids
+    T = x.shape[0]
+    h = F.dropout(F.embedding(x, P["encoder.weight"]), cfg.dropouti, training)  # [T, B, E]
+    hidden = hidden or [None] * cfg.nlayers
+    mems = mems if mems and cfg.mem_len else [None] * cfg.nlayers
+    keep = max(cfg.mem_len - T, 0)
+    mems = [None if mem is None else mem[max(mem.shape[0] - keep, 0):] for mem in mems]
+    m = max((mem.shape[0] for mem in mems if mem is not None), default=0)
+    mask = torch.ones(T, m + T, dtype=torch.bool, device=x.device).tril(diagonal=m)  # [T, m + T]
+    new_hidden, new_mems = [], []
+    for i in range(cfg.nlayers):
+        h, hid, mem = floor_block(P, i, cfg, h, mask, mems[i], hidden[i], training)
+        new_hidden.append(hid)
+        new_mems.append(mem)
+    return F.dropout(h, cfg.dropout, training), new_hidden, new_mems
+
+
+def floor_loss(P, output, y):
+    """Mean cross-entropy of the tied decoder's logits, in float32."""
+    # output: [T, B, E]; y: [T, B]
+    logits = F.linear(output.reshape(-1, output.shape[-1]), P["encoder.weight"], P["decoder.bias"])
+    return F.cross_entropy(logits.float(), y.reshape(-1))
+
+
+def floor_train_step(P, cfg, optimizer, scaler, device, amp):
+    """A closure `step(x, y) -> loss`: the floor's forward and loss, scaled backward,
+    unscale, clip, LAMB step, zero_grad, carrying the detached state between calls."""
+    params = list(P.values())
+    clip = TRAINING.get_default("clip")
+    hidden = mems = None
+
+    def step(x, y):
+        nonlocal hidden, mems
+        with main.autocast(device, amp):
+            output, hidden, mems = floor_forward(P, cfg, x, hidden, mems, True)
+            loss = floor_loss(P, output, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        hidden = [tuple(t.detach() for t in hc) for hc in hidden]
+        mems = [None if mem is None else mem.detach() for mem in mems]
+        return loss.detach()
+
+    return step
+
+
+def floor_eval_step(P, cfg, device, amp):
+    """A closure `step(x, y) -> summed loss`: the floor's forward without gradients."""
+    hidden = mems = None
+
+    def step(x, y):
+        nonlocal hidden, mems
+        with torch.no_grad(), main.autocast(device, amp):
+            output, hidden, mems = floor_forward(P, cfg, x, hidden, mems, False)
+            return floor_loss(P, output, y) * y.numel()
+
+    return step
+
+
+# --- measurement -------------------------------------------------------------------------
+
+def warmup_steps(args, model):
+    """Untimed steps: --warmup-steps, and enough that the attention memory is full."""
+    if model.attn_layers and args.mem_len > 0:
+        return max(args.warmup_steps, math.ceil(args.mem_len / args.bptt) + 2)
+    return args.warmup_steps
+
+
+def synthetic_batches(n, bptt, bsz, ntoken, seed, device):
+    """`n` (input, target) pairs of seeded random tokens, each `[bptt, bsz]`, cut from one
+    stream so that targets are the inputs shifted by one."""
+    gen = torch.Generator().manual_seed(seed)
+    stream = torch.randint(ntoken, (n * bptt + 1, bsz), generator=gen).to(device)  # [n bptt + 1, B]
+    return [(stream[i * bptt:(i + 1) * bptt], stream[i * bptt + 1:(i + 1) * bptt + 1])
+            for i in range(n)]
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(steps, batches, warmup, device):
+    """Run every named step function on the same batches, the first `warmup` untimed; the
+    functions alternate order from batch to batch. Returns {name: [seconds per step]}."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for i, (x, y) in enumerate(batches):
+        for name in names if i % 2 == 0 else names[::-1]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name](x, y)
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mb(device):
+    """Peak memory of the whole run in MiB: CUDA max allocated, or the process peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
+
+
+def cpu_name():
+    """The CPU model from /proc/cpuinfo (or the platform's description)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def header(args, model, device, warmup):
+    """The lines describing the machine, the model and the measurement."""
+    whole_run = "the whole run" + (", model and floor" if args.floor else "")
+    if device.type == "cuda":
+        machine = f"device: {torch.cuda.get_device_name(device)}, amp {args.amp}"
+        memory = f"peak memory: torch.cuda.max_memory_allocated over {whole_run}"
+    else:
+        machine = (f"device: CPU {cpu_name()}, {torch.get_num_threads()} threads, float32, "
+                   f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        memory = f"peak memory: peak resident set size of the process over {whole_run}"
+    nparams = sum(p.numel() for p in model.parameters())
+    return [machine,
+            f"torch {torch.__version__}",
+            f"model: emsize {args.emsize}, nhid {args.nhid}, {args.nlayers} blocks, attention in "
+            f"blocks {model.attn_layers} ({args.heads} head(s), {args.attention}), mem_len "
+            f"{args.mem_len}, ntoken {args.ntoken}, {nparams:,} parameters"
+            + (", compiled" if args.compile else "")
+            + (", activation checkpointing" if args.checkpoint_activations else ""),
+            f"{'eval' if args.eval else 'train'}: bptt {args.bptt}, batch {args.batch_size}, "
+            f"{warmup} warm-up steps, {args.steps} timed steps (median reported)",
+            memory]
+
+
+def summary(times):
+    """min / median / max of a list of seconds, as milliseconds."""
+    return (f"{1000 * min(times):,.1f} / {1000 * statistics.median(times):,.1f} / "
+            f"{1000 * max(times):,.1f} ms")
+
+
+def run(args):
+    """Build, print the header, warm up, time, print the results."""
+    check_args(args)
+    device = main.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(args, device)
+    warmup = warmup_steps(args, model)
+    batches = synthetic_batches(warmup + args.steps, args.bptt, args.batch_size, args.ntoken,
+                                args.seed, device)
+    steps = step_functions(args, model, device)
+    print("\n".join(header(args, model, device, warmup)), flush=True)
+    report(args, measure(steps, batches, warmup, device), device)
+
+
+def report(args, times, device):
+    """Print the timings; the last line is `train: ...` (or `eval: ...`)."""
+    median = statistics.median(times["model"])
+    print(f"model step min / median / max: {summary(times['model'])}")
+    if max(times["model"]) > 2 * min(times["model"]):
+        print("note: step times vary more than 2x; the machine is busy or throttled "
+              "(on a shared CPU, --threads 1 is steadier)")
+    if args.floor:
+        floor = statistics.median(times["floor"])
+        paired = statistics.median(m / f for m, f in zip(times["model"], times["floor"]))
+        print(f"floor step min / median / max: {summary(times['floor'])}")
+        print(f"overhead from the medians: {100 * (median / floor - 1):+.1f}%; below, the "
+              f"median over steps of model step / the floor step next to it (robust to load)")
+        print(f"floor: {1000 * floor:,.1f} ms/batch")
+        print(f"overhead: {100 * (paired - 1):+.1f}%")
+    tokens = args.bptt * args.batch_size / median
+    print(f"{'eval' if args.eval else 'train'}: {1000 * median:,.1f} ms/batch, "
+          f"{tokens:,.0f} tokens/s, peak {peak_memory_mb(device):,.0f} MB")
+
+
+def step_functions(args, model, device):
+    """{"model": step} and, with --floor, {"floor": step} over the same parameters."""
+    P = dict(model.named_parameters())
+    cfg = floor_config(model)
+    if args.eval:
+        model.eval()
+        steps = {"model": model_eval_step(model, device, args.amp)}
+        if args.floor:
+            steps["floor"] = floor_eval_step(P, cfg, device, args.amp)
+        return steps
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = {"model": model_train_step(model, build_optimizer(params),
+                                       main.make_scaler(device, args.amp), device, args.amp)}
+    if args.floor:
+        steps["floor"] = floor_train_step(P, cfg, build_optimizer(list(P.values())),
+                                          main.make_scaler(device, args.amp), device, args.amp)
+    return steps
+
+
+def main_cli(argv=None):
+    """Run the benchmark; returns the exit code (2 on a bad flag value)."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_cli())

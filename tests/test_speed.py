@@ -1,0 +1,100 @@
+"""The fast paths compute what the plain paths compute (issue: speed), on the CPU."""
+
+import pytest
+import torch
+
+import main
+from conftest import perturb
+from data import batchify, compact_dtype, get_batch
+from lamb import Lamb
+from model import SHARNN
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    cfg = dict(ntoken=13, ninp=16, nhid=32, nlayers=3, attn_layers=[0, 2], mem_len=24)
+    cfg.update(kw)
+    return perturb(SHARNN(**cfg))
+
+
+def test_mask_is_built_once_and_sliced():
+    model = tiny()
+    full = model.causal_mask(10, 14, torch.device("cpu"))
+    base = model._mask
+    for T, m in [(10, 14), (3, 0), (7, 14), (1, 5), (10, 0)]:
+        mask = model.causal_mask(T, m, torch.device("cpu"))
+        expected = torch.ones(T, m + T, dtype=torch.bool).tril(diagonal=m)
+        assert torch.equal(mask, expected), (T, m)
+        assert model._mask is base  # no new mask for smaller requests
+    assert full.data_ptr() != 0
+    model.causal_mask(12, 20, torch.device("cpu"))
+    assert model._mask is not base and model._mask.shape == (12, 32)
+
+
+def test_data_is_compact_on_the_device_and_batches_are_long():
+    ids = torch.randint(0, 205, (1000,))
+    data = main.split_columns(ids.to(compact_dtype(205)), 4, main.Dist(), torch.device("cpu"))
+    assert data.dtype == torch.uint8 and data.is_contiguous()
+    x, y = get_batch(data, 3, 10)
+    assert x.dtype == y.dtype == torch.int64
+    assert torch.equal(x, batchify(ids, 4)[3:13])
+    assert compact_dtype(50_000) == torch.int32 and compact_dtype(300) == torch.int16
+
+
+def grads_after_step(model, x, y, seed):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    out, hidden, mems = model(x)
+    out2, _, _ = model(x, hidden, mems)
+    (model.loss(out, y).mean() + model.loss(out2, y).mean()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_identical_gradients_with_dropout():
+    model = tiny(dropout=0.2, dropouth=0.2, dropouti=0.2).train()
+    x, y = torch.randint(0, 13, (9, 3)), torch.randint(0, 13, (9, 3))
+    plain = grads_after_step(model, x, y, seed=3)
+    model.set_checkpoint_activations(True)
+    checkpointed = grads_after_step(model, x, y, seed=3)
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_compiled_blocks_match_eager():
+    model = tiny().eval()
+    x = torch.randint(0, 13, (7, 2))
+    with torch.no_grad():
+        eager, hidden, mems = model(x)
+        eager2 = model(x[:5], hidden, mems)[0]
+        model.compile_blocks()
+        compiled, hidden, mems = model(x)
+        compiled2 = model(x[:5], hidden, mems)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled2, eager2, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny().state_dict())  # names unchanged
+
+
+def test_training_steps_never_synchronise_with_the_host(monkeypatch):
+    """The CUDA training step, replayed on the CPU: reading any tensor value on the host
+    (item, bool, float, int, tolist, numpy) between log intervals is an error."""
+    model = tiny()
+    params = list(model.parameters())
+    optimizer = Lamb(params, lr=1e-3, weight_decay=1e-6, min_trust=0.25)
+    scaler = main.make_scaler(torch.device("cpu"), "none")
+    hidden = mems = None
+    batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a training step")
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the CUDA path
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    total = torch.zeros(())
+    for x, y in batches:
+        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
+                                                   torch.autocast("cpu", enabled=False))
+        main.apply_gradients(params, optimizer, scaler, 0.25)
+        total += loss
+    monkeypatch.undo()
+    assert total.item() > 0
