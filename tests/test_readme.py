@@ -1,0 +1,61 @@
+"""The README tells the truth: every flag is documented, its commands parse, and CI runs
+its setup and test commands."""
+
+import os
+import re
+import shlex
+
+import main
+from conftest import ROOT
+
+
+def read(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def commands(text, script):
+    """The `python -u main.py ...` style commands of the README's code blocks, joined across
+    line continuations, without comments."""
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    found = []
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if re.match(rf"(python|torchrun)\b.*\b{script}\b", line) and "<" not in line:
+            found.append(shlex.split(line))
+    return found
+
+
+def test_every_flag_of_main_is_in_the_flag_table():
+    readme = read("README.md")
+    for action in main.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            flag = max(action.option_strings, key=len)
+            assert f"| `{flag}` |" in readme, flag
+
+
+def test_readme_main_commands_parse():
+    found = commands(read("README.md"), "main.py")
+    assert len(found) >= 6
+    for argv in found:
+        args = main.parse_args(argv[argv.index("main.py") + 1:])
+        main.check_args(args)
+
+
+def test_the_paper_commands_are_in_the_readme_unchanged():
+    readme = " ".join(read("README.md").replace("\\\n", " ").split())
+    assert ("python -u main.py --epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 "
+            "--data data/enwik8/ --save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb "
+            "--bptt 1024 --warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 "
+            "--batch_size 16") in readme
+
+
+def test_ci_runs_the_readme_setup_quick_start_and_tests():
+    readme, ci = read("README.md"), read(".ci/run")
+    flat_ci = " ".join(ci.replace("\\\n", " ").split())
+    for command in ("pip install torch==2.13.0", "pip install -r requirements.txt",
+                    "pip install -r requirements-dev.txt", "python -m pytest -q"):
+        assert command in readme and command in ci, command
+    quick = " ".join(shlex.join(c) for c in commands(readme, "main.py") if "data/sample" in c)
+    assert quick and quick + " --dry-run" in flat_ci
