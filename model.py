@@ -7,6 +7,7 @@ the original code load here and give the same outputs.
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -119,7 +120,9 @@ class Block(nn.Module):
         optimizer keeps stepping the real parameter and the fused kernel still runs."""
         if self.training and self.wdrop > 0:
             w_hh = F.dropout(self.rnn.weight_hh_l0, p=self.wdrop, training=True)
-            return torch.func.functional_call(self.rnn, {"weight_hh_l0": w_hh}, (h, hidden))
+            with warnings.catch_warnings():  # cuDNN warns that the weights are not one block
+                warnings.filterwarnings("ignore", message="RNN module weights are not part")
+                return torch.func.functional_call(self.rnn, {"weight_hh_l0": w_hh}, (h, hidden))
         return self.rnn(h, hidden)
 
     def mix(self, h, big, mask):

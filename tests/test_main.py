@@ -164,3 +164,27 @@ def test_unseen_token_is_a_one_line_error(capsys, corpus_dir):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--dry-run", *SMALL)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "'7'" in err and "test.txt" in err
+
+
+def test_resume_from_an_original_state_dict(capsys, corpus_dir, tmp_path):
+    """Weights saved by the original code (a bare state_dict with its unused keys) resume
+    and evaluate exactly like the checkpoint they came from."""
+    save = str(tmp_path / "model.pt")
+    assert run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "1", *SMALL)[0] == 0
+    state = dict(torch.load(save, weights_only=True)["model"])
+    for i in range(2):
+        state[f"blocks.{i}.lnout.weight"], state[f"blocks.{i}.lnout.bias"] = torch.ones(16), torch.zeros(16)
+    state["blocks.0.attn.qkvs"], state["blocks.0.attn.r_gate"] = torch.zeros(1, 3, 16), torch.ones(1, 1, 16)
+    state["blocks.1.lnmid.weight"], state["blocks.1.lnmid.bias"] = torch.ones(16), torch.zeros(16)
+    state["blocks.1.lnmem.weight"], state["blocks.1.lnmem.bias"] = torch.ones(16), torch.zeros(16)
+    original = str(tmp_path / "ENWIK8.state_dict.pt")
+    torch.save(state, original)
+    outs = []
+    for path in (save, original):
+        code, out, err = run_cli(capsys, "--data", corpus_dir, "--eval-only", "--resume", path, *SMALL)
+        assert code == 0, err
+        outs.append([line for line in out.splitlines() if "| eval only |" in line])
+    assert outs[0] == outs[1] and len(outs[0]) == 2
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             "--epochs", "1", *SMALL, "--resume", original, "--lr", "1e-3")
+    assert code == 0, err
