@@ -293,33 +293,55 @@ def make_scaler(device, amp):
 
 # --- model and optimizer -----------------------------------------------------------------
 
+def attn_blocks(attn, nlayers):
+    """The block indices of an --attn-layers value for nlayers blocks."""
+    if attn == "all":
+        return list(range(nlayers))
+    if attn == "none":
+        return []
+    return [nlayers - 2] if attn is None else attn
+
+
+def default_cutoffs(ntokens):
+    """AWD-LSTM's adaptive softmax splits for a vocabulary of this size."""
+    cuts = next(c for n, c in DEFAULT_CUTOFFS.items() if ntokens > n)
+    cuts = [c for c in cuts if c < ntokens]
+    if not cuts:
+        raise InputError(f"give --cutoffs for a vocabulary of {ntokens} tokens")
+    return cuts
+
+
 def model_config(args, ntokens, checkpoint=None, byte_level=True):
     """The architecture: from the flags, or from the checkpoint, where an explicit flag that
     contradicts the checkpoint is an error. Returns the SHARNN keyword arguments."""
-    attn = args.attn_layers
-    flags = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
-                 attn_layers=(list(range(args.nlayers)) if attn == "all" else [] if attn == "none"
-                              else [args.nlayers - 2] if attn is None else attn),
-                 heads=args.heads, mem_len=args.mem_len, cutoffs=None)
-    if args.adaptive_softmax:
-        if byte_level:
-            raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
-                             "byte-level and keeps the plain softmax")
-        flags["cutoffs"] = args.cutoffs or next(
-            [c for c in cuts if c < ntokens] for n, cuts in DEFAULT_CUTOFFS.items() if ntokens > n)
+    if args.adaptive_softmax and byte_level:
+        raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
+                         "byte-level and keeps the plain softmax")
     if checkpoint is None:
-        return flags
-    flag_of = dict(ninp="emsize", nhid="nhid", nlayers="nlayers", attn_layers="attn_layers",
-                   heads="heads", mem_len="mem_len", cutoffs="adaptive_softmax")
+        return dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
+                    attn_layers=attn_blocks(args.attn_layers, args.nlayers), heads=args.heads,
+                    mem_len=args.mem_len,
+                    cutoffs=(args.cutoffs or default_cutoffs(ntokens)) if args.adaptive_softmax
+                    else None)
     saved = dict(checkpoint["config"])
     if saved["ntoken"] != ntokens:
         raise InputError(f"the checkpoint has {saved['ntoken']} tokens, the data {args.data} "
                          f"has {ntokens}")
-    for key, value in saved.items():
-        flag = flag_of.get(key)
-        if flag in args.explicit and flags[key] != value:
+    nlayers = args.nlayers if "nlayers" in args.explicit else saved["nlayers"]
+    given = {  # flag -> (config key, the flag's value in config terms)
+        "emsize": ("ninp", args.emsize), "nhid": ("nhid", args.nhid),
+        "nlayers": ("nlayers", args.nlayers), "heads": ("heads", args.heads),
+        "mem_len": ("mem_len", args.mem_len),
+        "attn_layers": ("attn_layers", attn_blocks(args.attn_layers, nlayers)),
+        "cutoffs": ("cutoffs", args.cutoffs),
+    }
+    for flag, (key, value) in given.items():
+        if flag in args.explicit and value != saved[key]:
             raise InputError(f"--{flag.replace('_', '-')} {flag_value(args, flag)} contradicts the "
-                             f"checkpoint's {key}={value}; drop the flag to use the checkpoint's")
+                             f"checkpoint's {key}={saved[key]}; drop the flag to use the checkpoint's")
+    if "adaptive_softmax" in args.explicit and saved["cutoffs"] is None:
+        raise InputError("--adaptive-softmax contradicts the checkpoint, which has the plain "
+                         "softmax; drop the flag to use the checkpoint's")
     return saved
 
 
@@ -669,7 +691,7 @@ def save_last(run, progress):
         else:
             ckpt = base_checkpoint(run.model, run.config, run.vocab, run.args,
                                    {"best_valid_loss": progress.best_val})
-            ckpt.update(kind="last", optimizer=run.optimizer.state_dict(),
+            ckpt.update(optimizer=run.optimizer.state_dict(),
                         scaler=run.scaler.state_dict(), carry=carry, rng=rng,
                         progress={k: getattr(progress, k) for k in (
                             "epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
@@ -912,11 +934,19 @@ def load_start(args):
     if args.continue_from:
         ckpt = load_checkpoint(args.continue_from)
         if ckpt.get("kind") != "sha-rnn" or "progress" not in ckpt:
-            raise InputError(f"{args.continue_from} is not a last checkpoint (written with "
+            raise InputError(f"{args.continue_from} is not a last checkpoint (SAVE.last.pt or "
                              f"--last); use --resume to start a new run from weights")
+        changed = []
         for key, value in ckpt["args"].items():
-            if key not in args.explicit and key not in ("continue_from", "resume"):
-                setattr(args, key, tuple(value) if key == "save_interval" else value)
+            value = tuple(value) if key == "save_interval" else value
+            if key in ("continue_from", "resume", "dry_run"):
+                continue
+            if key not in args.explicit:
+                setattr(args, key, value)
+            elif getattr(args, key) != value:
+                changed.append(f"{key} {value} -> {getattr(args, key)}")
+        if changed:
+            print("note: continuing with changed flags: " + ", ".join(changed), file=sys.stderr)
         return ckpt
     if args.resume:
         return load_checkpoint(args.resume)
@@ -931,11 +961,61 @@ def paths_for(args, tmp):
     return {"save": save, "last": last, "run_dir": run_dir}
 
 
-def run_main(args, tmp):
+def model_for(args, start, corpus):
+    """The model of the flags or of the checkpoint to start from, with its weights loaded;
+    returns (model, config)."""
+    ntokens = len(corpus.dictionary)
+    if start is None:
+        config = model_config(args, ntokens, None, corpus.byte_level)
+    elif start["kind"] == "sha-rnn":
+        if start["vocab"] != corpus.dictionary.idx2word:
+            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
+                             f"from that of {args.data} ({ntokens} tokens)")
+        config = model_config(args, ntokens, start, corpus.byte_level)
+    else:
+        config = config_for_state_dict(args, ntokens, start["model"])
+    model = build_model(config, args)
+    try:
+        if start is not None and start["kind"] == "state_dict":
+            model.load_original_state_dict(start["model"])
+        elif start is not None:
+            model.load_strict(start["model"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model, config
+
+
+def device_data(corpus, args, d, device):
+    """The three splits batchified, this rank's columns, in a compact dtype on the device."""
+    dtype = compact_dtype(len(corpus.dictionary))
+    train = split_columns(corpus.train.to(dtype), args.batch_size, d, device)
+    valid = split_columns(corpus.valid.to(dtype), eval_batch_size(args), d, device)
+    test = split_columns(corpus.test.to(dtype), TEST_BATCH_SIZE, d, device)
+    if args.bptt >= train.shape[0] - 1:
+        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
+                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
+    return train, valid, test
+
+
+def progress_from(start, args, d, device):
+    """A fresh Progress, or the one of the last checkpoint with this rank's carried state."""
+    if not args.continue_from:
+        return Progress(optimizer_name=args.optimizer)
+    progress = Progress(**start["progress"])
+    carry = start["carry"]
+    if carry is not None:
+        cols = d.share(args.batch_size)
+        progress.hidden = [None if h is None else tuple(x[:, cols].to(device) for x in h)
+                           for h in carry["hidden"]]
+        progress.mems = [None if m is None else m[:, cols].to(device) for m in carry["mems"]]
+    return progress
+
+
+def setup(args, tmp):
+    """Check the flags, load data and weights, and build the Run and its Progress."""
     check_args(args)
     start = load_start(args)
-    device = pick_device(args.device)
-    d, device = setup_distributed(device)
+    d, device = setup_distributed(pick_device(args.device))
     paths = paths_for(args, tmp)
     writes = not args.eval_only
     if writes and d.main:
@@ -948,105 +1028,85 @@ def run_main(args, tmp):
     if device.type == "cpu" and args.amp != "none" and "amp" in args.explicit:
         print(f"note: --amp {args.amp} is CUDA-only; the CPU runs float32", file=sys.stderr)
 
-    np_rng = np.random.RandomState(args.seed)
+    rng = np.random.RandomState(args.seed)  # sequence lengths: the same on every rank
     torch.manual_seed(args.seed)
     corpus = Corpus(args.data, unk=args.unk, cache=writes)
-    vocab = corpus.dictionary.idx2word
-    ntokens = len(vocab)
-
-    if start is not None and start["kind"] == "sha-rnn":
-        if start["vocab"] != list(vocab):
-            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
-                             f"from that of {args.data} ({ntokens} tokens)")
-        config = model_config(args, ntokens, start, corpus.byte_level)
-    elif start is not None:
-        config = config_for_state_dict(args, ntokens, start["model"])
-    else:
-        config = model_config(args, ntokens, None, corpus.byte_level)
-    model = build_model(config, args)
-    if start is not None:
-        try:
-            if start["kind"] == "state_dict":
-                model.load_original_state_dict(start["model"])
-            else:
-                model.load_strict(start["model"])
-        except ValueError as e:
-            raise InputError(str(e)) from None
+    model, config = model_for(args, start, corpus)
     model.to(device)
-    if args.checkpoint_activations:
-        model.set_checkpoint_activations(True)
+    model.set_checkpoint_activations(args.checkpoint_activations)
     if args.compile:
         model.compile_blocks()
     if d.world > 1:
         torch.manual_seed(args.seed + d.rank)  # distinct dropout masks per rank
+    train_data, val_data, test_data = device_data(corpus, args, d, device)
 
-    dtype = compact_dtype(ntokens)
-    bptt = args.bptt
-    train_data = split_columns(corpus.train.to(dtype), args.batch_size, d, device)
-    val_data = split_columns(corpus.valid.to(dtype), eval_batch_size(args), d, device)
-    test_data = split_columns(corpus.test.to(dtype), TEST_BATCH_SIZE, d, device)
-    if bptt >= train_data.shape[0] - 1:
-        raise InputError(f"--bptt {bptt} is longer than the training stream "
-                         f"({train_data.shape[0]} tokens per column at batch size {args.batch_size})")
-
-    log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
-                 append=bool(args.continue_from))
-    if writes and d.main:
-        write_json(os.path.join(paths["run_dir"], "args.json"), dict(saved_args(args), model=config))
-        write_json(os.path.join(paths["run_dir"], "env.json"), environment())
     net = model
     if d.world > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=config["cutoffs"] is not None)
-    progress = Progress(optimizer_name=args.optimizer)
-    if args.continue_from:
-        progress = Progress(**start["progress"])
-        carry = start["carry"]
-        if carry is not None:
-            cols = d.share(args.batch_size)
-            progress.hidden = [None if h is None else tuple(x[:, cols].to(device) for x in h)
-                               for h in carry["hidden"]]
-            progress.mems = [None if m is None else m[:, cols].to(device) for m in carry["mems"]]
+    progress = progress_from(start, args, d, device)
     optimizer = build_optimizer(progress.optimizer_name, model.parameters(), args)
     scaler = make_scaler(device, args.amp)
     if args.continue_from:
         optimizer.load_state_dict(start["optimizer"])
         if scaler.is_enabled() and start["scaler"]:
             scaler.load_state_dict(start["scaler"])
-        restore_rng(np_rng, start["rng"], d)
-    stop = Stop()
-    run = Run(args, model, net, optimizer, scaler, config, vocab, train_data, val_data,
-              test_data, device, d, log, np_rng, stop, paths)
+        restore_rng(rng, start["rng"], d)
 
-    nparams = sum(p.numel() for p in model.parameters())
-    log(f"Model: {nparams:,} parameters, attention in blocks {config['attn_layers']}, "
-        f"{ntokens} tokens, device {device}" + (f" x {d.world} ranks" if d.world > 1 else "")
-        + (f", amp {args.amp}" if device.type == "cuda" else ""))
+    log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
+                 append=bool(args.continue_from))
+    if writes and d.main:
+        write_json(os.path.join(paths["run_dir"], "args.json"), dict(saved_args(args), model=config))
+        write_json(os.path.join(paths["run_dir"], "env.json"), environment())
+    run = Run(args, model, net, optimizer, scaler, config, corpus.dictionary.idx2word,
+              train_data, val_data, test_data, device, d, log, rng, Stop(), paths)
+    return run, progress
+
+
+def execute(run, progress):
+    """Evaluate only, or train then test; returns the exit code."""
+    args, config = run.args, run.config
+    nparams = sum(p.numel() for p in run.model.parameters())
+    run.log(f"Model: {nparams:,} parameters, attention in blocks {config['attn_layers']}, "
+            f"{config['ntoken']} tokens, device {run.device}"
+            + (f" x {run.d.world} ranks" if run.d.world > 1 else "")
+            + (f", amp {args.amp}" if run.device.type == "cuda" else ""))
     if args.eval_only:
         eval_only(run)
         return 0
-    with stop:
+    with run.stop:
         try:
             ended = train(run, progress)
         except NonFinite as e:
-            log(f"error: {e}")
+            run.log(f"error: {e}")
             save_last(run, progress)
             return 1
     if ended == "terminate":
-        log(f"Stopped by SIGTERM; continue with --continue {paths['last']}")
+        run.log(f"Stopped by SIGTERM; continue with --continue {run.paths['last']}")
         return 0
     if ended == "interrupt":
-        log("-" * 89)
-        log("Exiting from training early")
+        run.log("-" * 89)
+        run.log("Exiting from training early")
     test(run, args.dynamic_eval)
     return 0
+
+
+def run_main(args, tmp):
+    run, progress = setup(args, tmp)
+    try:
+        return execute(run, progress)
+    finally:
+        run.log.close()
 
 
 def main(argv=None):
     args = parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
     try:
-        return run_main(args, tmp)
+        code = run_main(args, tmp)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks to it
+        return code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -188,3 +188,33 @@ def test_resume_from_an_original_state_dict(capsys, corpus_dir, tmp_path):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
                              "--epochs", "1", *SMALL, "--resume", original, "--lr", "1e-3")
     assert code == 0, err
+
+
+def test_sgd_switches_to_averaged_sgd_and_evaluates_with_the_average(tmp_path):
+    """--optimizer sgd: after --nonmono epochs without improvement, averaged SGD, whose
+    averaged weights are the ones evaluated; --when divides the learning rate."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    args = main.parse_args(["--optimizer", "sgd", "--nonmono", "2", "--when", "3", "--lr", "0.5",
+                            "--save", str(tmp_path / "m.pt")])
+    logged = []
+    run = main.Run(args, model, model, main.build_optimizer("sgd", model.parameters(), args),
+                   None, {}, [], None, None, None, torch.device("cpu"), main.Dist(),
+                   logged.append, None, None, {"save": str(tmp_path / "m.pt")})
+    progress = main.Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
+    main.end_of_epoch(run, progress, 1.5)  # 1.5 > min(history[:-2]) = 1.0: switch
+    assert "Switching to ASGD" in logged and isinstance(run.optimizer, torch.optim.ASGD)
+    assert progress.optimizer_name == "asgd" and progress.epoch == 1
+    before = model.weight.detach().clone()
+    for _ in range(3):
+        run.optimizer.zero_grad()
+        model(torch.ones(1, 3)).sum().backward()
+        run.optimizer.step()
+    average = run.optimizer.state[model.weight]["ax"].clone()
+    with main.averaged_weights(model, run.optimizer):
+        assert torch.equal(model.weight, average)
+    assert not torch.equal(model.weight, average) and not torch.equal(model.weight, before)
+    progress.epoch = 2
+    main.end_of_epoch(run, progress, 1.4)  # the third epoch ends: --when 3
+    assert "Dividing learning rate by 10" in logged
+    assert os.path.exists(str(tmp_path / "m.pt.e3"))
