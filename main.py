@@ -496,7 +496,8 @@ def dynamic_evaluate(model, train_data, source, bsz, bptt, amp_ctx, lr, decay, e
                 model.loss(output, y).mean().backward()
             hidden, mems = detach(hidden, mems)
             for m, p in zip(ms, params):
-                m.add_(p.grad.float() ** 2)
+                if p.grad is not None:  # an adaptive-softmax cluster without targets has none
+                    m.add_(p.grad.float() ** 2)
         rms = [(m / max(n, 1)).sqrt() for m in ms]
         mean_rms = torch.stack([r.mean() for r in rms]).mean()
         decrate = [(r / mean_rms).clamp(max=1.0 / decay) for r in rms]
@@ -516,7 +517,9 @@ def dynamic_evaluate(model, train_data, source, bsz, bptt, amp_ctx, lr, decay, e
             hidden, mems = detach(hidden, mems)
             with torch.no_grad():
                 for p, p0, r, dr in zip(params, start, rms, decrate):
-                    p.add_(decay * dr * (p0 - p) - lr * p.grad / (r + eps))
+                    p.add_(decay * dr * (p0 - p))
+                    if p.grad is not None:
+                        p.add_(-lr * p.grad / (r + eps))
     with torch.no_grad():
         for p, p0 in zip(params, start):
             p.copy_(p0)

@@ -219,10 +219,26 @@ def test_adaptive_softmax_trains_and_evaluates(capsys, tmp_path):
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3))
     torch.testing.assert_close(model.loss(out_h, torch.tensor([[4], [5], [6]])),
                                -logp.gather(1, torch.tensor([[4], [5], [6]])).view(-1))
-    code, out, err = run_cli(capsys, "--data", data, "--eval-only", "--resume", save, *SMALL)
-    assert code == 0 and "| eval only | test loss" in out
+    code, out, err = run_cli(capsys, "--data", data, "--eval-only", "--resume", save, *SMALL,
+                             "--dynamic-eval", "--dyn-stat-batches", "5")
+    assert code == 0, err
+    assert "| eval only | test loss" in out and "| dynamic eval | test loss" in out
 
 
 def test_adaptive_softmax_refused_on_byte_corpora(capsys, corpus_dir):
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--dry-run", *SMALL, "--adaptive-softmax")
     assert code == 2 and "byte-level" in err
+
+
+def test_dynamic_evaluation_with_adaptive_clusters_that_get_no_gradient():
+    """Tokens from the head only: the tail clusters' weights get no gradient, and dynamic
+    evaluation leaves them to their decay term."""
+    torch.manual_seed(0)
+    model = SHARNN(20, 32, 32, 2, cutoffs=[5, 10]).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 5, (400,))
+    loss, chunks = main.dynamic_evaluate(model, batchify(ids, 4), batchify(ids[:200], 2), 2, 8,
+                                         torch.autocast("cpu", enabled=False), lr=1e-3,
+                                         decay=2e-3, eps=2e-5, stat_batches=5)
+    assert torch.isfinite(chunks).all() and loss > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
