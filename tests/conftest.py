@@ -14,6 +14,8 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data import byte_format  # noqa: E402
+
 WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in old trees "
          "under a grey sky near the river bank").split()
 
@@ -28,11 +30,6 @@ def perturb(model):
     return model
 
 
-def byte_format(data):
-    """SPEC.md section 1: each byte as its decimal value, newline bytes as line breaks."""
-    return " ".join(str(b) if b != 10 else "\n" for b in data)
-
-
 def sentences(n, seed, words=WORDS):
     rng = random.Random(seed)
     lines = []
@@ -45,7 +42,7 @@ def write_corpus(folder, train, valid, test):
     """A corpus folder in the byte format from raw bytes per split."""
     os.makedirs(folder, exist_ok=True)
     for name, data in (("train", train), ("valid", valid), ("test", test)):
-        with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+        with open(os.path.join(folder, f"{name}.txt"), "wb") as f:
             f.write(byte_format(data))
     return str(folder)
 
