@@ -20,16 +20,19 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import main
+from checkpoint import model_config
+from flags import MIN_TRUST, PAPER, Parser, add_device_flags, add_model_flags
 from lamb import Lamb
 from model import LN_EPS, SHARNN, gelu
-from utils import InputError
+from flags import InputError
+from runtime import autocast, make_scaler, pick_device
 
-TRAINING = main.build_parser()  # its defaults: learning rate, weight decay, clipping
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 
@@ -37,12 +40,12 @@ LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
 def build_parser():
     """The flags: main.py's model and step flags, plus the measurement's."""
-    p = main.Parser(description="Time the SHA-RNN training step (or evaluation with --eval) on "
+    p = Parser(description="Time the SHA-RNN training step (or evaluation with --eval) on "
                                 "synthetic tokens, at steady state with the attention memory "
                                 "full. Defaults are the paper's sizes.",
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (as in main.py)")
-    main.add_model_flags(g)
+    add_model_flags(g)
     g.add_argument("--ntoken", type=int, default=205,
                    help="vocabulary size (205 is enwik8's byte vocabulary)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout on the final output")
@@ -54,7 +57,7 @@ def build_parser():
     g = p.add_argument_group("step")
     g.add_argument("--bptt", type=int, default=1024, help="sequence length of every step")
     g.add_argument("--batch_size", type=int, default=16, metavar="N", help="batch size")
-    main.add_device_flags(g)
+    add_device_flags(g)
     g = p.add_argument_group("measurement")
     g.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
     g.add_argument("--warmup-steps", type=int, default=3,
@@ -86,7 +89,7 @@ def check_args(args):
 
 def build_model(args, device):
     """The SHA-RNN of the flags on `device`, with --compile and --checkpoint-activations."""
-    config = main.model_config(args, args.ntoken)
+    config = model_config(args, args.ntoken)
     try:
         model = SHARNN(**config, dropout=args.dropout, dropouth=args.dropouth,
                        dropouti=args.dropouti, sdpa=args.attention == "sdpa")
@@ -102,24 +105,28 @@ def build_model(args, device):
 
 def build_optimizer(params):
     """The paper's LAMB: min trust 0.25, weight decay and learning rate as main.py's defaults."""
-    return Lamb(params, lr=TRAINING.get_default("lr"), weight_decay=TRAINING.get_default("wdecay"),
-                min_trust=main.MIN_TRUST)
+    return Lamb(params, lr=PAPER["lr"], weight_decay=PAPER["wdecay"],
+                min_trust=MIN_TRUST)
 
 
 # --- the real step -----------------------------------------------------------------------
 
+def step_run(model, optimizer, scaler, device, amp, clip=PAPER["clip"]):
+    """What main.train_step needs of a run, for a bare model."""
+    return SimpleNamespace(model=model, net=model, optimizer=optimizer, scaler=scaler,
+                           params=[p for p in model.parameters() if p.requires_grad],
+                           args=SimpleNamespace(clip=clip), amp=lambda: autocast(device, amp))
+
+
 def model_train_step(model, optimizer, scaler, device, amp):
-    """A closure `step(x, y) -> loss` running main.py's training step on the model, carrying
-    the LSTM states and memories from call to call."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = TRAINING.get_default("clip")
+    """A closure `step(x, y) -> loss` running main.train_step on the model, carrying the
+    LSTM states and memories from call to call."""
+    run = step_run(model, optimizer, scaler, device, amp)
     hidden = mems = None
 
     def step(x, y):
         nonlocal hidden, mems
-        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
-                                                   main.autocast(device, amp))
-        main.apply_gradients(params, optimizer, scaler, clip)
+        loss, hidden, mems, _ = main.train_step(run, x, y, hidden, mems, None, PAPER["lr"], True)
         return loss
 
     return step
@@ -132,7 +139,7 @@ def model_eval_step(model, device, amp):
 
     def step(x, y):
         nonlocal hidden, mems
-        with torch.no_grad(), main.autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             output, hidden, mems = model(x, hidden, mems)
             return model.loss(output, y).sum(dtype=torch.float64)
 
@@ -180,7 +187,7 @@ def floor_lstm(P, prefix, x, hidden, training):
 
 
 def floor_attention(P, prefix, cfg, query, kv, mask, training):
-    """Single-headed attention (SPEC.md section 3) of `query` over `kv`."""
+    """Single-headed attention (docs/model.md, Model) of `query` over `kv`."""
     # query: [T, B, E]; kv: [S, B, E]; mask: [T, S] bool, True = visible
     E, H, p = cfg.ninp, cfg.heads, cfg.dropouth
     qs, ks = torch.sigmoid(P[prefix + "qs"]), torch.sigmoid(P[prefix + "ks"])  # [1, 1, E]
@@ -265,12 +272,12 @@ def floor_train_step(P, cfg, optimizer, scaler, device, amp):
     """A closure `step(x, y) -> loss`: the floor's forward and loss, scaled backward,
     unscale, clip, LAMB step, zero_grad, carrying the detached state between calls."""
     params = list(P.values())
-    clip = TRAINING.get_default("clip")
+    clip = PAPER["clip"]
     hidden = mems = None
 
     def step(x, y):
         nonlocal hidden, mems
-        with main.autocast(device, amp):
+        with autocast(device, amp):
             output, hidden, mems = floor_forward(P, cfg, x, hidden, mems, True)
             loss = floor_loss(P, output, y)
         scaler.scale(loss).backward()
@@ -292,7 +299,7 @@ def floor_eval_step(P, cfg, device, amp):
 
     def step(x, y):
         nonlocal hidden, mems
-        with torch.no_grad(), main.autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             output, hidden, mems = floor_forward(P, cfg, x, hidden, mems, False)
             return floor_loss(P, output, y) * y.numel()
 
@@ -390,7 +397,7 @@ def summary(times):
 def run(args):
     """Build, print the header, warm up, time, print the results."""
     check_args(args)
-    device = main.pick_device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -438,10 +445,10 @@ def step_functions(args, model, device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     steps = {"model": model_train_step(model, build_optimizer(params),
-                                       main.make_scaler(device, args.amp), device, args.amp)}
+                                       make_scaler(device, args.amp), device, args.amp)}
     if args.floor:
         steps["floor"] = floor_train_step(P, cfg, build_optimizer(list(P.values())),
-                                          main.make_scaler(device, args.amp), device, args.amp)
+                                          make_scaler(device, args.amp), device, args.amp)
     return steps
 
 

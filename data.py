@@ -1,6 +1,6 @@
 """Language-model corpora: tokenising, vocabulary, cache, batching and dataset preparation.
 
-A corpus is a folder with train.txt, valid.txt and test.txt (SPEC.md section 1). Each line
+A corpus is a folder with train.txt, valid.txt and test.txt (docs/model.md, Corpus and vocabulary). Each line
 of a split gives its whitespace-separated tokens followed by ``<eos>``. The enwik8 "byte
 format" writes every byte as its decimal value, values separated by single spaces, and a
 newline byte as a real line break; its vocabulary is the decimal byte values plus ``<eos>``.
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import InputError, atomic_save
+from checkpoint import atomic_save
+from flags import InputError
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -419,7 +420,7 @@ def _save_cache(path, state):
 class Corpus:
     """The three splits of a corpus folder as 1-D int64 id tensors, and their vocabulary.
 
-    The vocabulary comes from train.txt alone (SPEC.md section 1). A valid/test token that
+    The vocabulary comes from train.txt alone (docs/model.md). A valid/test token that
     never occurs in train is an InputError, unless ``unk``: then <unk> is added to the
     vocabulary (at the end, if train lacks it) and such tokens map to it. With ``cache``
     the processed corpus is kept in corpus.cache.pt beside the data."""
@@ -440,7 +441,7 @@ class Corpus:
         self.byte_level = is_byte_vocabulary(self.dictionary.idx2word)
 
 
-# --- batching (SPEC.md section 2) ----------------------------------------------------------
+# --- batching (docs/model.md, Batching) ----------------------------------------------------
 
 def batchify(data, bsz):
     """[N] ids -> [N // bsz, bsz], same dtype: column j is the j-th contiguous slice of the
@@ -501,7 +502,7 @@ def _byte_pieces(data):
 
 
 def byte_format(data):
-    """The SPEC byte format of ``data`` (bytes): exactly
+    """The byte format of ``data`` (bytes): exactly
     ``' '.join(str(c) if c != 10 else '\\n' for c in data)``, encoded as ASCII."""
     return _byte_pieces(data)[:-1]
 

@@ -36,8 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from utils import (InputError, Parser, check_writable, first_line, load_checkpoint,
-                   model_from_checkpoint)
+from checkpoint import check_writable, first_line, load_checkpoint, model_from_checkpoint
+from flags import InputError, Parser
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion

@@ -21,8 +21,9 @@ import sys
 import torch
 
 from data import EOS, UNK, decode_tokens, is_byte_vocabulary
-from main import autocast, pick_device
-from utils import InputError, Parser, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
+from flags import InputError, Parser
+from runtime import autocast, pick_device
 
 PRIME_CHUNK = 1024  # most prime positions run through the model at once
 NEWLINE = 10
@@ -53,8 +54,8 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when present")
     p.add_argument("--amp", choices=("fp16", "bf16", "none"), default="none",
-                   help="CUDA mixed precision for the model's forward passes (default none: "
-                        "float32); CPU always runs float32")
+                   help="mixed precision for the model's forward passes, on CUDA or the CPU "
+                        "(default none: float32); on the CPU fp16 runs the LSTMs in float32")
     return p
 
 

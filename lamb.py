@@ -1,4 +1,4 @@
-"""LAMB (You et al. 2019) in the "minimum trust" variant used by SHA-RNN (SPEC.md section 5).
+"""LAMB (You et al. 2019) in the "minimum trust" variant used by SHA-RNN (docs/model.md, LAMB).
 
 For each parameter p with gradient g:
     m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g^2           (no bias correction)

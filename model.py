@@ -2,7 +2,7 @@
 
 A stack of blocks, each an LSTM followed by an optional single-headed attention over a long
 memory of past positions and a "Boom" feed-forward. Shapes are time-major: `[T, B, E]`.
-Numerics, initialisation and parameter names follow SPEC.md section 3, so weights trained by
+Numerics, initialisation and parameter names follow docs/model.md (Model), so weights trained by
 the original code load here and give the same outputs.
 """
 
@@ -118,6 +118,12 @@ class Block(nn.Module):
         """The LSTM, with DropConnect on its hidden-to-hidden weights while training
         (`wdrop`, from AWD-LSTM): a fresh mask each call, applied functionally so the
         optimizer keeps stepping the real parameter and the fused kernel still runs."""
+        if h.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.float16:
+            # The CPU has no float16 LSTM kernel: this LSTM runs in float32 there.
+            with torch.autocast("cpu", enabled=False):
+                hidden = None if hidden is None else tuple(t.float() for t in hidden)
+                return self.recurrent(h.float(), hidden)
         if self.training and self.wdrop > 0:
             w_hh = F.dropout(self.rnn.weight_hh_l0, p=self.wdrop, training=True)
             with warnings.catch_warnings():  # cuDNN warns that the weights are not one block

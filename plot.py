@@ -16,21 +16,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from flags import InputError, Parser
+
 CEILING_QUANTILE = 0.95  # default top of the bpc axis, as a quantile of the plotted bpc
 TRAIN_WIDTH = 1.0
 VALID_WIDTH = 2.2
 LEGEND_COLUMNS = 5  # most legend entries side by side below the panels
-
-
-class PlotError(Exception):
-    """Bad input: reported as one line on stderr, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of the usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def bpc_flag(text):
@@ -115,20 +106,20 @@ def curve(records, kind, bpc_key, start):
 def load_run(path, name):
     """Reads one run folder into a Run."""
     if not os.path.isdir(path):
-        raise PlotError(f"{path}: {'not a folder' if os.path.exists(path) else 'no such folder'}")
+        raise InputError(f"{path}: {'not a folder' if os.path.exists(path) else 'no such folder'}")
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
-        raise PlotError(f"{path}: no metrics.jsonl (not a run folder written by main.py?)")
+        raise InputError(f"{path}: no metrics.jsonl (not a run folder written by main.py?)")
     try:
         records = read_records(metrics)
     except OSError as e:
-        raise PlotError(f"{metrics}: {e.strerror}") from None
+        raise InputError(f"{metrics}: {e.strerror}") from None
     times = [t for t in (number(r, "time") for r in records) if t is not None]
     start = min(times, default=0.0)
     run = Run(name, curve(records, "train", "bpc", start),
               curve(records, "valid", "valid_bpc", start))
     if not run.train and not run.valid:
-        raise PlotError(f"{metrics}: no train or valid records yet")
+        raise InputError(f"{metrics}: no train or valid records yet")
     tests = [b for b in (number(r, "test_bpc") for r in records if r.get("type") == "test")
              if b is not None]
     run.test_bpc = tests[-1] if tests else None
@@ -161,7 +152,7 @@ def bpc_limits(runs, ymax):
         latest = max(c[-1][2] for run in runs for c in (run.train, run.valid) if c)
         ymax = max(latest, values[min(len(values) - 1, int(CEILING_QUANTILE * len(values)))])
     elif ymax <= low:
-        raise PlotError(f"--ymax {ymax:g} is not above the lowest plotted bpc ({low:.3f})")
+        raise InputError(f"--ymax {ymax:g} is not above the lowest plotted bpc ({low:.3f})")
     top = min(ymax, high)
     if top <= low:
         return None
@@ -170,12 +161,12 @@ def bpc_limits(runs, ymax):
 
 
 def import_matplotlib():
-    """matplotlib's Figure and Agg canvas, or a PlotError saying how to install it."""
+    """matplotlib's Figure and Agg canvas, or a InputError saying how to install it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install matplotlib") from None
+        raise InputError("plotting needs matplotlib: pip install matplotlib") from None
     return Figure, FigureCanvasAgg
 
 
@@ -228,7 +219,7 @@ def draw(runs, output, title=None, ymax=None):
     try:
         fig.savefig(output, dpi=110)
     except (OSError, ValueError) as e:
-        raise PlotError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
+        raise InputError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def main(argv=None):
@@ -242,7 +233,7 @@ def main(argv=None):
     try:
         runs = [load_run(p, n) for p, n in zip(args.runs, run_names(args.runs))]
         draw(runs, args.output, args.title, args.ymax)
-    except PlotError as e:
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")

@@ -16,6 +16,22 @@ sys.path.insert(0, ROOT)
 
 from data import byte_format  # noqa: E402
 
+# Flags for a tiny, quick training run of main.py on the CPU. SMALL_WITH_PROGRESS leaves the
+# progress bars to main.py's default (drawn only when stderr is a terminal); SMALL turns them off.
+SMALL_WITH_PROGRESS = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "16",
+                       "--batch_size", "4", "--mem-len", "32", "--warmup", "20",
+                       "--log-interval", "50", "--lr", "3e-3", "--device", "cpu"]
+SMALL = SMALL_WITH_PROGRESS + ["--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    """main.py's main() in this process; returns (exit code, stdout, stderr)."""
+    import main  # here, not at the top: only the tests that train need main.py
+    code = main.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in old trees "
          "under a grey sky near the river bank").split()
 

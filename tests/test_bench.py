@@ -11,10 +11,12 @@ import torch
 
 import bench
 import main
+from dyneval import detach
+from runtime import make_scaler
+from conftest import ROOT
 from lamb import Lamb
 from model import SHARNN
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "8", "--batch_size", "2",
         "--mem-len", "20", "--ntoken", "20", "--steps", "2", "--warmup-steps", "1",
@@ -44,11 +46,13 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
     model = tiny_model(sdpa, attn_layers, heads)
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
-    scaler = main.make_scaler(CPU, "none")
+    run = bench.step_run(model, None, make_scaler(CPU, "none"), CPU, "none")
     hidden = mems = floor_hidden = floor_mems = None
     for x, y in batches():
-        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
-                                                   main.autocast(CPU, "none"))
+        model.zero_grad(set_to_none=True)
+        loss, hidden, mems, pending = main.train_step(run, x, y, hidden, mems, None, 0.0, False)
+        pending.backward()
+        hidden, mems = detach(hidden, mems)
         output, floor_hidden, floor_mems = bench.floor_forward(P, cfg, x, floor_hidden,
                                                                floor_mems, True)
         floor_loss = bench.floor_loss(P, output, y)
@@ -72,10 +76,10 @@ def test_floor_step_matches_the_real_training_step(sdpa):
     twin = copy.deepcopy(model)
     P = dict(twin.named_parameters())
     real = bench.model_train_step(model, bench.build_optimizer(list(model.parameters())),
-                                  main.make_scaler(CPU, "none"), CPU, "none")
+                                  make_scaler(CPU, "none"), CPU, "none")
     floor = bench.floor_train_step(P, bench.floor_config(twin),
                                    bench.build_optimizer(list(P.values())),
-                                   main.make_scaler(CPU, "none"), CPU, "none")
+                                   make_scaler(CPU, "none"), CPU, "none")
     start = [p.detach().clone() for p in model.parameters()]
     for n, (x, y) in enumerate(batches(), 1):
         assert floor(x, y).item() == pytest.approx(real(x, y).item(), abs=1e-5)

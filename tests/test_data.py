@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import data
-from utils import InputError
+from conftest import ROOT
+from flags import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_liner(raw):
@@ -501,7 +501,7 @@ def test_cli_prepares_text8(tmp_path):
 # --- the shipped sample corpus -----------------------------------------------------------
 
 def test_sample_corpus_loads_and_stays_small():
-    folder = ROOT / "data" / "sample"
+    folder = Path(ROOT) / "data" / "sample"
     corpus = data.Corpus(folder, cache=False)
     assert corpus.byte_level
     assert corpus.train.shape[0] > 10 * corpus.valid.shape[0] > 0

@@ -15,10 +15,9 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import export  # noqa: E402
-from conftest import perturb  # noqa: E402
+from conftest import ROOT, perturb  # noqa: E402
 from model import SHARNN  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = dict(ntoken=20, ninp=16, nhid=32, nlayers=3, attn_layers=[0, 2], heads=1, mem_len=12,
               cutoffs=None)
 TOL = 1e-4

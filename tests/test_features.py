@@ -9,20 +9,12 @@ import pytest
 import torch
 
 import main
-from conftest import sentences, write_corpus
+from conftest import SMALL, run_cli, sentences, write_corpus
 from data import Corpus, batchify
 from model import SHARNN
-from utils import load_checkpoint, model_from_checkpoint
-
-SMALL = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "16", "--batch_size", "4",
-         "--mem-len", "32", "--warmup", "20", "--log-interval", "50", "--lr", "3e-3",
-         "--device", "cpu", "--no-progress"]
-
-
-def run_cli(capsys, *argv):
-    code = main.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from checkpoint import load_checkpoint, model_from_checkpoint
+from dyneval import dynamic_evaluate
+from runtime import Dist
 
 
 def tree(folder):
@@ -107,14 +99,14 @@ def shifted(capsys, tmp_path):
 
 def dyn(model, corpus, source, lr=3e-4, stat_batches=20):
     train = batchify(corpus.train, 4)
-    return main.dynamic_evaluate(model, train, source, 8, 16, torch.autocast("cpu", enabled=False),
+    return dynamic_evaluate(model, train, source, 8, 16, torch.autocast("cpu", enabled=False),
                                  lr=lr, decay=2e-3, eps=2e-5, stat_batches=stat_batches)
 
 
 def test_dynamic_evaluation_lowers_bpc_on_shifted_text(shifted):
     model, corpus = shifted
     test = batchify(corpus.test, 8)
-    static = main.evaluate(model, test, 8, 16, torch.autocast("cpu", enabled=False), main.Dist())
+    static = main.evaluate(model, test, 8, 16, torch.autocast("cpu", enabled=False), Dist())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     dynamic, chunks = dyn(model, corpus, test)
     assert dynamic < static - 0.05
@@ -237,7 +229,7 @@ def test_dynamic_evaluation_with_adaptive_clusters_that_get_no_gradient():
     model = SHARNN(20, 32, 32, 2, cutoffs=[5, 10]).eval()
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 5, (400,))
-    loss, chunks = main.dynamic_evaluate(model, batchify(ids, 4), batchify(ids[:200], 2), 2, 8,
+    loss, chunks = dynamic_evaluate(model, batchify(ids, 4), batchify(ids[:200], 2), 2, 8,
                                          torch.autocast("cpu", enabled=False), lr=1e-3,
                                          decay=2e-3, eps=2e-5, stat_batches=5)
     assert torch.isfinite(chunks).all() and loss > 0

@@ -9,11 +9,10 @@ import torch
 
 import generate
 from data import EOS
-from conftest import perturb
+from conftest import ROOT, perturb
 from model import SHARNN
-from utils import FORMAT
+from checkpoint import FORMAT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASCII = [EOS] + [str(b) for b in b" etaoinshrdlucmfwypvbgk.,"]
 BYTES = ASCII + ["195", "169", "255"]  # 0xC3 0xA9 is "é"; 0xFF is never valid UTF-8
 WORDS = [EOS, "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "<unk>"]

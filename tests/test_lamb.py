@@ -1,4 +1,4 @@
-"""LAMB against a step computed by hand (SPEC.md section 5)."""
+"""LAMB against a step computed by hand (docs/model.md, LAMB)."""
 
 import copy
 import math
@@ -10,7 +10,7 @@ from lamb import Lamb
 
 
 def hand_step(p, g, m, v, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.0, min_trust=None):
-    """One LAMB step on plain Python lists, written from the SPEC."""
+    """One LAMB step on plain Python lists, written from docs/model.md."""
     m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
     v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
     u = [mi / (math.sqrt(vi) + eps) + wd * pi for mi, vi, pi in zip(m, v, p)]

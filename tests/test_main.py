@@ -1,4 +1,4 @@
-"""The training CLI end to end on a tiny corpus, and its units (SPEC.md sections 2, 4, 6, 7)."""
+"""The training CLI end to end on a tiny corpus, and its units (docs/model.md: Batching, Training loop, Evaluation, Checkpoints)."""
 
 import math
 import os
@@ -9,23 +9,17 @@ import pytest
 import torch
 
 import main
+from checkpoint import Progress
+from flags import parse_args
+from runtime import Dist
+from conftest import SMALL, run_cli
 from main import evaluate, lr_at, sample_seq_len
-
-SMALL = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "16", "--batch_size", "4",
-         "--mem-len", "32", "--warmup", "20", "--log-interval", "50", "--lr", "3e-3",
-         "--device", "cpu", "--no-progress"]
 
 LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
                       r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
                       r"bpc +(\d+\.\d{3})$")
 END_LINE = re.compile(r"^\| End of training \| test loss +(\d+\.\d\d) \| test ppl +\d+\.\d\d \| "
                       r"test bpc +(\d+\.\d{3})$")
-
-
-def run_cli(capsys, *argv):
-    code = main.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_lines(out):
@@ -79,15 +73,16 @@ def test_paper_commands_parse():
     first = ("--epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 --data data/enwik8/ "
              "--save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb --bptt 1024 "
              "--warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 --batch_size 16").split()
-    args = main.parse_args(first)
-    defaults = main.parse_args([])
+    args = parse_args(first)
+    defaults = parse_args([])
     for key in ("epochs", "dropouth", "dropout", "data", "save", "log_interval", "seed", "optimizer",
                 "bptt", "warmup", "lr", "emsize", "nhid", "nlayers", "batch_size", "clip", "wdecay"):
         assert getattr(args, key) == getattr(defaults, key), key  # the defaults are the paper's
-    second = main.parse_args(first + "--epochs 5 --resume ENWIK8.pt --lr 1e-3 --seed 125".split())
+    second = parse_args(first + "--epochs 5 --resume ENWIK8.pt --lr 1e-3 --seed 125".split())
     assert (second.epochs, second.resume, second.lr, second.seed) == (5, "ENWIK8.pt", 1e-3, 125)
-    assert {"epochs", "resume", "lr", "seed", "emsize"} <= second.explicit
-    assert "heads" not in second.explicit
+    # A checkpoint's values stand in for flags not given; given flags win.
+    third = parse_args(first + ["--resume", "ENWIK8.pt"], saved={"emsize": 512, "heads": 2})
+    assert (third.emsize, third.heads) == (1024, 2)
 
 
 # --- units -------------------------------------------------------------------------------
@@ -104,13 +99,13 @@ def test_lr_when_and_cooldown():
     assert lr_at(900, 1.0, 10, epoch=1, when=[2]) == 1.0
     assert lr_at(900, 1.0, 10, epoch=2, when=[2]) == pytest.approx(0.1)
     assert lr_at(900, 1.0, 10, epoch=5, when=[2, 4]) == pytest.approx(0.01)
-    assert lr_at(950, 1.0, 10, cooldown=100, total_steps=1000) == pytest.approx(0.5)
-    assert lr_at(1010, 1.0, 10, cooldown=100, total_steps=1000) == 0.0
+    assert lr_at(950, 1.0, 10, cooldown=100, total_batches=1000) == pytest.approx(0.5)
+    assert lr_at(1010, 1.0, 10, cooldown=100, total_batches=1000) == 0.0
 
 
 def test_warmup_step_counts_batches_across_epochs():
-    # step = epoch * (len(train) // bptt) + batch + 1 (SPEC.md section 4)
-    args = main.parse_args(["--warmup", "800"])
+    # step = epoch * (len(train) // bptt) + batch + 1 (docs/model.md, Training loop)
+    args = parse_args(["--warmup", "800"])
     nominal = 5493
     assert lr_at(1 * nominal + 9 + 1, args.lr, args.warmup) == args.lr  # past warmup in epoch 2
     assert lr_at(0 * nominal + 9 + 1, args.lr, args.warmup) == pytest.approx(args.lr * 10 / 800)
@@ -149,10 +144,10 @@ def test_evaluation_sum_hand_made_case():
     source = torch.arange(10).view(10, 1)  # one column: 0..9
     # bptt 4 -> chunks with targets 1-4, 5-8, 9: sum of len(chunk) * mean = 10 + 26 + 9 = 45,
     # divided by len(source) = 10.
-    loss = evaluate(TargetLoss(), source, 1, 4, torch.autocast("cpu", enabled=False), main.Dist())
+    loss = evaluate(TargetLoss(), source, 1, 4, torch.autocast("cpu", enabled=False), Dist())
     assert loss == pytest.approx(4.5)
     two = torch.stack([torch.arange(10), 100 + torch.arange(10)], dim=1)  # [10, 2]
-    loss = evaluate(TargetLoss(), two, 2, 4, torch.autocast("cpu", enabled=False), main.Dist())
+    loss = evaluate(TargetLoss(), two, 2, 4, torch.autocast("cpu", enabled=False), Dist())
     # per chunk: 4 * mean(1..4, 101..104) + 4 * mean(5..8, 105..108) + 1 * mean(9, 109)
     expected = (4 * 52.5 + 4 * 56.5 + 1 * 59) / 10
     assert loss == pytest.approx(expected)
@@ -195,13 +190,13 @@ def test_sgd_switches_to_averaged_sgd_and_evaluates_with_the_average(tmp_path):
     averaged weights are the ones evaluated; --when divides the learning rate."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    args = main.parse_args(["--optimizer", "sgd", "--nonmono", "2", "--when", "3", "--lr", "0.5",
+    args = parse_args(["--optimizer", "sgd", "--nonmono", "2", "--when", "3", "--lr", "0.5",
                             "--save", str(tmp_path / "m.pt")])
     logged = []
     run = main.Run(args, model, model, main.build_optimizer("sgd", model.parameters(), args),
-                   None, {}, [], None, None, None, torch.device("cpu"), main.Dist(),
+                   None, {}, [], None, None, None, torch.device("cpu"), Dist(),
                    logged.append, None, None, {"save": str(tmp_path / "m.pt")})
-    progress = main.Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
+    progress = Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
     main.end_of_epoch(run, progress, 1.5)  # 1.5 > min(history[:-2]) = 1.0: switch
     assert "Switching to ASGD" in logged and isinstance(run.optimizer, torch.optim.ASGD)
     assert progress.optimizer_name == "asgd" and progress.epoch == 1

@@ -1,4 +1,4 @@
-"""The SHA-RNN model against SPEC.md section 3: sizes, init, numerics, carried state, loading."""
+"""The SHA-RNN model against docs/model.md (Model): sizes, init, numerics, carried state, loading."""
 
 import math
 
@@ -77,7 +77,7 @@ def test_impossible_configs_raise(kw, message):
 # --- numerics against an independent reference computation ------------------------------
 
 def reference(model, x, hidden=None, mems=None):
-    """SPEC.md section 3 written out directly from the state_dict, in float64."""
+    """docs/model.md (Model) written out directly from the state_dict, in float64."""
     sd = model.state_dict()
     E, M = model.ninp, model.mem_len
     T = x.shape[0]

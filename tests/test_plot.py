@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 import plot  # noqa: E402  (after the skip: plot needs matplotlib to draw)
+from conftest import ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOG2 = math.log(2)
 TOKENS_PER_BATCH = 16 * 1024  # batch size 16, bptt 1024

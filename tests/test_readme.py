@@ -5,7 +5,7 @@ import os
 import re
 import shlex
 
-import main
+import flags
 from conftest import ROOT
 
 
@@ -29,7 +29,7 @@ def commands(text, script):
 
 def test_every_flag_of_main_is_in_the_flag_table():
     readme = read("README.md")
-    for action in main.build_parser()._actions:
+    for action in flags.build_parser()._actions:
         if action.option_strings and action.dest != "help":
             flag = max(action.option_strings, key=len)
             assert f"| `{flag}` |" in readme, flag
@@ -39,8 +39,8 @@ def test_readme_main_commands_parse():
     found = commands(read("README.md"), "main.py")
     assert len(found) >= 6
     for argv in found:
-        args = main.parse_args(argv[argv.index("main.py") + 1:])
-        main.check_args(args)
+        args = flags.parse_args(argv[argv.index("main.py") + 1:])
+        flags.check_args(args)
 
 
 def test_the_paper_commands_are_in_the_readme_unchanged():

@@ -12,20 +12,15 @@ import termios
 
 import pytest
 
-from conftest import ROOT
-
-SMALL = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "16", "--batch_size", "4",
-         "--mem-len", "32", "--warmup", "20", "--log-interval", "50", "--lr", "3e-3",
-         "--device", "cpu"]
+from conftest import ROOT, SMALL_WITH_PROGRESS, sentences, write_corpus
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from conftest import sentences, write_corpus
     tmp = tmp_path_factory.mktemp("records")
     data = write_corpus(tmp / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--data", data,
-                             "--save", str(tmp / "m.pt"), "--epochs", "2", *SMALL],
+                             "--save", str(tmp / "m.pt"), "--epochs", "2", *SMALL_WITH_PROGRESS],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return tmp, data, result
@@ -86,7 +81,8 @@ def run_on_terminal(*argv):
 
 def test_progress_bars_on_a_terminal_unless_no_progress(run, tmp_path):
     _, data, _ = run
-    flags = ["--data", data, "--save", str(tmp_path / "t.pt"), "--epochs", "1", *SMALL]
+    flags = ["--data", data, "--save", str(tmp_path / "t.pt"), "--epochs", "1",
+             *SMALL_WITH_PROGRESS]
     shown = run_on_terminal(*flags)
     assert "epoch 1" in shown and "tok/s" in shown and "valid" in shown
     assert "tok/s" not in run_on_terminal(*flags, "--no-progress")

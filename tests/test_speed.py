@@ -1,9 +1,10 @@
 """The fast paths compute what the plain paths compute (issue: speed), on the CPU."""
 
-import pytest
 import torch
 
+import bench
 import main
+from runtime import Dist, make_scaler
 from conftest import perturb
 from data import batchify, compact_dtype, get_batch
 from lamb import Lamb
@@ -19,21 +20,22 @@ def tiny(**kw):
 
 def test_mask_is_built_once_and_sliced():
     model = tiny()
-    full = model.causal_mask(10, 14, torch.device("cpu"))
+    model.causal_mask(10, 14, torch.device("cpu"))
     base = model._mask
     for T, m in [(10, 14), (3, 0), (7, 14), (1, 5), (10, 0)]:
         mask = model.causal_mask(T, m, torch.device("cpu"))
         expected = torch.ones(T, m + T, dtype=torch.bool).tril(diagonal=m)
         assert torch.equal(mask, expected), (T, m)
         assert model._mask is base  # no new mask for smaller requests
-    assert full.data_ptr() != 0
+        sliced = mask.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        assert sliced, (T, m)  # a view into the cached mask, not a copy
     model.causal_mask(12, 20, torch.device("cpu"))
     assert model._mask is not base and model._mask.shape == (12, 32)
 
 
 def test_data_is_compact_on_the_device_and_batches_are_long():
     ids = torch.randint(0, 205, (1000,))
-    data = main.split_columns(ids.to(compact_dtype(205)), 4, main.Dist(), torch.device("cpu"))
+    data = main.split_columns(ids.to(compact_dtype(205)), 4, Dist(), torch.device("cpu"))
     assert data.dtype == torch.uint8 and data.is_contiguous()
     x, y = get_batch(data, 3, 10)
     assert x.dtype == y.dtype == torch.int64
@@ -80,7 +82,8 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
     model = tiny()
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-3, weight_decay=1e-6, min_trust=0.25)
-    scaler = main.make_scaler(torch.device("cpu"), "none")
+    run = bench.step_run(model, optimizer, make_scaler(torch.device("cpu"), "none"),
+                         torch.device("cpu"), "none", clip=0.25)
     hidden = mems = None
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
 
@@ -92,9 +95,7 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     total = torch.zeros(())
     for x, y in batches:
-        loss, hidden, mems = main.forward_backward(model, model, x, y, hidden, mems, scaler,
-                                                   torch.autocast("cpu", enabled=False))
-        main.apply_gradients(params, optimizer, scaler, 0.25)
+        loss, hidden, mems, _ = main.train_step(run, x, y, hidden, mems, None, 1e-3, True)
         total += loss
     monkeypatch.undo()
     assert total.item() > 0

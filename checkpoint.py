@@ -1,0 +1,343 @@
+"""Checkpoints: safe writing and loading, the model config a checkpoint carries, where a run
+stands (Progress) with its random and carried state, and the flags a checkpoint fills in.
+
+A checkpoint is a dict of state_dicts plus the config (docs/model.md, Checkpoints):
+    format, version, model, config, vocab, metrics, args        (the best checkpoint)
+    + optimizer, scaler, carry, rng, progress                   (the last checkpoint)
+"""
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from flags import InputError
+from model import SHARNN, attn_layers_in
+from runtime import gather_columns
+
+FORMAT = "sha-rnn"  # marks checkpoints written by this project
+LOG2 = 0.6931471805599453
+
+# Used when --adaptive-softmax is given without --cutoffs (AWD-LSTM's splits).
+DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000], 0: [2000, 10000]}
+# Model flags and the config keys they set.
+MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": "heads",
+               "mem_len": "mem_len", "attn_layers": "attn_layers", "cutoffs": "cutoffs"}
+NOT_CARRIED = ("continue_from", "resume", "dry_run")  # flags --continue never takes over
+
+
+# --- files -------------------------------------------------------------------------------
+
+def check_writable(path):
+    """Raise InputError unless a file can be created at `path` (checked before training)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror}") from None
+    if os.path.isdir(path):
+        raise InputError(f"cannot write {path}: it is a folder")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, flush + fsync, then rename over
+    `path`: a crash at any moment leaves either the old file or the new one, never half."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def convert_hint(path):
+    return (f"convert it once where the original code is importable: python -c \"import torch; "
+            f"m = torch.load('{path}', weights_only=False)[0]; "
+            f"torch.save(m.state_dict(), '{path}.state_dict.pt')\" and pass that file")
+
+
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (`weights_only=True`: no code runs) and say what it is.
+
+    Returns a dict with "kind": "sha-rnn" (a checkpoint of this project: model, config,
+    vocab, ...) or "state_dict" (bare weights, e.g. written by the original code, under
+    "model"). Raises InputError for a missing, truncated, corrupt, pickled-object or
+    unrecognised file."""
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) files
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise InputError(f"{path} holds pickled Python objects ({found.group(1)}), like the "
+                             f"original code's [model, criterion, optimizer] files; they are not "
+                             f"loaded because unpickling can run code; {convert_hint(path)}") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+        raise InputError(f"checkpoint {path} is corrupt or not a torch checkpoint "
+                         f"({detail[0] if detail else type(e).__name__})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise InputError(f"checkpoint {path} is truncated or corrupt: {first_line(e)}") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return dict(obj, kind="sha-rnn")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if "encoder.weight" not in obj:
+            raise InputError(f"{path} is a state_dict but not of a SHA-RNN (no encoder.weight)")
+        return {"kind": "state_dict", "model": obj}
+    raise InputError(f"{path} is not a SHA-RNN checkpoint or state_dict")
+
+
+def all_finite(module):
+    """True when every parameter is finite (one host synchronisation)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+
+
+# --- the model a checkpoint describes ---------------------------------------------------
+
+def attn_blocks(attn, nlayers):
+    """The block indices of an --attn-layers value for nlayers blocks."""
+    if attn == "all":
+        return list(range(nlayers))
+    if attn == "none":
+        return []
+    return [nlayers - 2] if attn is None else attn
+
+
+def default_cutoffs(ntokens):
+    """AWD-LSTM's adaptive softmax splits for a vocabulary of this size."""
+    cuts = next(c for n, c in DEFAULT_CUTOFFS.items() if ntokens > n)
+    cuts = [c for c in cuts if c < ntokens]
+    if not cuts:
+        raise InputError(f"give --cutoffs for a vocabulary of {ntokens} tokens")
+    return cuts
+
+
+def model_config(args, ntokens, saved=None, byte_level=True):
+    """The SHARNN keyword arguments of the flags. With `saved` (a checkpoint's config, whose
+    values are the flags' defaults after `flags_from`), a flag whose value differs from it
+    was given on the command line and contradicts the checkpoint: an error."""
+    if args.adaptive_softmax and byte_level:
+        raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
+                         "byte-level and keeps the plain softmax")
+    config = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
+                  attn_layers=attn_blocks(args.attn_layers, args.nlayers), heads=args.heads,
+                  mem_len=args.mem_len,
+                  cutoffs=(args.cutoffs or default_cutoffs(ntokens)) if args.adaptive_softmax
+                  else None)
+    if saved is None:
+        return config
+    if saved["ntoken"] != ntokens:
+        raise InputError(f"the checkpoint has {saved['ntoken']} tokens, the data {args.data} "
+                         f"has {ntokens}")
+    if args.adaptive_softmax != (saved["cutoffs"] is not None):
+        raise InputError(f"--adaptive-softmax contradicts the checkpoint, which has the "
+                         f"{'adaptive' if saved['cutoffs'] else 'plain'} softmax; drop the flag "
+                         f"to use the checkpoint's")
+    for flag, key in MODEL_FLAGS.items():
+        if config[key] != saved[key]:
+            raise InputError(f"--{flag.replace('_', '-')} {flag_text(getattr(args, flag))} "
+                             f"contradicts the checkpoint's {key}={saved[key]}; drop the flag to "
+                             f"use the checkpoint's")
+    return dict(saved)
+
+
+def flag_text(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def build_model(config, args):
+    try:
+        return SHARNN(**config, dropout=args.dropout, dropouth=args.dropouth,
+                      dropouti=args.dropouti, dropoute=args.dropoute, wdrop=args.wdrop)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def model_from_checkpoint(ckpt, **kwargs):
+    """The SHARNN of a checkpoint of this project (its config and weights), on the CPU."""
+    if ckpt.get("kind") != "sha-rnn":
+        raise InputError("this needs a checkpoint written by main.py (with its config and "
+                         "vocabulary), not a bare state_dict")
+    model = SHARNN(**ckpt["config"], **kwargs)
+    try:
+        model.load_strict(ckpt["model"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model
+
+
+# --- flags from a checkpoint ------------------------------------------------------------
+
+def load_start(args):
+    """The checkpoint a run starts from (--continue or --resume), or None."""
+    if args.continue_from:
+        ckpt = load_checkpoint(args.continue_from)
+        if ckpt.get("kind") != "sha-rnn" or "progress" not in ckpt:
+            raise InputError(f"{args.continue_from} is not a last checkpoint (SAVE.last.pt or "
+                             f"--last); use --resume to start a new run from weights")
+        return ckpt
+    if args.resume:
+        return load_checkpoint(args.resume)
+    return None
+
+
+def flags_from(start, args):
+    """The flag values a start checkpoint supplies for flags not given on the command line:
+    all of them for --continue (the same run goes on), the architecture for --resume."""
+    if start is None:
+        return {}
+    if args.continue_from:
+        saved = {k: v for k, v in start["args"].items() if k not in NOT_CARRIED}
+        saved["save_interval"] = tuple(saved["save_interval"])
+        return saved
+    if start["kind"] == "state_dict":
+        return {"attn_layers": attn_layers_in(start["model"])}
+    config = start["config"]
+    saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
+    saved["emsize"] = config["ninp"]
+    saved["adaptive_softmax"] = config["cutoffs"] is not None
+    return saved
+
+
+def changed_flags(args, saved):
+    """'flag old -> new' for each flag of a continued run given anew with another value."""
+    return [f"{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
+            if hasattr(args, k) and getattr(args, k) != v]
+
+
+# --- where a run stands ------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Where training stands; everything here goes into the last checkpoint."""
+    epoch: int = 0          # 0-based epoch in progress (or next to start)
+    i: int = 0              # position in the batchified train stream
+    batch: int = 0          # batches done in this epoch
+    tokens: int = 0         # training tokens seen, all ranks
+    steps: int = 0          # optimizer steps taken
+    best_val: float = float("inf")
+    val_history: list = field(default_factory=list)
+    optimizer_name: str = "lamb"
+    epoch_time: float = 0.0  # seconds spent on the current epoch so far
+    hidden: list = None     # carried LSTM states, this rank's columns (not saved as such)
+    mems: list = None       # carried attention memories, this rank's columns
+
+    SAVED = ("epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
+             "optimizer_name", "epoch_time")
+
+
+def carried_state(progress, d):
+    """The carried LSTM states and memories of the whole batch (gathered across ranks)."""
+    if progress.hidden is None:
+        return None
+    return {"hidden": [None if h is None else [gather_columns(x, d).cpu() for x in h]
+                       for h in progress.hidden],
+            "mems": [None if m is None else gather_columns(m, d).cpu() for m in progress.mems]}
+
+
+def progress_from(start, args, d, device):
+    """A fresh Progress, or the one of the last checkpoint with this rank's carried state."""
+    if not args.continue_from:
+        return Progress(optimizer_name=args.optimizer)
+    progress = Progress(**start["progress"])
+    carry = start["carry"]
+    if carry is not None:
+        cols = d.share(args.batch_size)
+        progress.hidden = [None if h is None else tuple(x[:, cols].to(device) for x in h)
+                           for h in carry["hidden"]]
+        progress.mems = [None if m is None else m[:, cols].to(device) for m in carry["mems"]]
+    return progress
+
+
+def rng_state(rng, d):
+    """The numpy stream (sequence lengths, shared by the ranks) and each rank's torch state."""
+    mt = rng.get_state(legacy=False)
+    state = {"numpy_key": torch.from_numpy(mt["state"]["key"].astype(np.int64)),
+             "numpy_pos": int(mt["state"]["pos"]), "numpy_has_gauss": int(mt["has_gauss"]),
+             "numpy_gauss": float(mt["gauss"]), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if d.world > 1:
+        per_rank = [None] * d.world
+        dist.all_gather_object(per_rank, {"torch": state["torch"], "cuda": state["cuda"]})
+        state["ranks"] = per_rank
+    return state
+
+
+def restore_rng(rng, state, d):
+    rng.set_state({"bit_generator": "MT19937",
+                   "state": {"key": state["numpy_key"].numpy().astype(np.uint32),
+                             "pos": state["numpy_pos"]},
+                   "has_gauss": state["numpy_has_gauss"], "gauss": state["numpy_gauss"]})
+    own = state
+    if "ranks" in state and d.world == len(state["ranks"]):
+        own = state["ranks"][d.rank]
+    torch.set_rng_state(own["torch"])
+    if own["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(own["cuda"])
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def base_checkpoint(model, config, vocab, args, metrics):
+    return {"format": FORMAT, "version": 1, "model": model.state_dict(), "config": config,
+            "vocab": list(vocab), "metrics": metrics, "args": vars(args).copy()}
+
+
+def save_best(run, progress, val_loss):
+    """The best-validation checkpoint (rank 0 writes, the others wait)."""
+    if run.d.main:
+        if all_finite(run.model):
+            atomic_save(base_checkpoint(run.model, run.config, run.vocab, run.args,
+                                        {"valid_loss": val_loss, "valid_bpc": val_loss / LOG2,
+                                         "epoch": progress.epoch + 1}), run.paths["save"])
+            run.log("Saving model (new best validation)")
+        else:
+            run.log("Not saving: the weights are not finite")
+    if run.d.world > 1:
+        dist.barrier()
+
+
+def save_last(run, progress):
+    """Everything needed to continue exactly: written at save intervals, epoch ends and exits."""
+    carry = carried_state(progress, run.d)
+    rng = rng_state(run.rng, run.d)
+    if run.d.main:
+        if not all_finite(run.model):
+            run.log("Not saving the last checkpoint: the weights are not finite")
+        else:
+            ckpt = base_checkpoint(run.model, run.config, run.vocab, run.args,
+                                   {"best_valid_loss": progress.best_val})
+            ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                        carry=carry, rng=rng,
+                        progress={k: getattr(progress, k) for k in Progress.SAVED})
+            atomic_save(ckpt, run.paths["last"])
+    if run.d.world > 1:
+        dist.barrier()

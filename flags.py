@@ -1,0 +1,207 @@
+"""Command-line flags of main.py (shared with bench.py and generate.py), their checks, and the
+error type for bad input. No torch here, so that light scripts (plot.py) can use it too.
+
+The paper's enwik8 first pass is the default of every flag: `PAPER` below is the one place
+where those numbers live. docs/model.md describes what they control.
+"""
+
+import argparse
+import math
+
+# The paper's enwik8 first pass, every hyper-parameter in one place.
+PAPER = dict(
+    data="data/enwik8/", save="ENWIK8.pt",
+    emsize=1024, nhid=4096, nlayers=4, heads=1, mem_len=5000,  # attention in block nlayers-2
+    dropout=0.1, dropouth=0.1, dropouti=0.1, dropoute=0.0, wdrop=0.0,
+    optimizer="lamb", lr=2e-3, warmup=800, wdecay=1.2e-6, clip=0.25,
+    epochs=32, batch_size=16, bptt=1024, accumulate=1, seed=5512, log_interval=10,
+)
+MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
+EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
+TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
+OPTIMIZERS = ("lamb", "sgd", "adam", "adamw", "adagrad")
+DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2)  # what --dry-run runs
+
+
+class InputError(ValueError):
+    """Bad user input (flags, files, checkpoints): reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2) instead of the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def attn_layers_flag(text):
+    """--attn-layers: 'all', 'none' or a comma list of block indices."""
+    if text in ("all", "none"):
+        return text
+    try:
+        return sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, none or a comma list of block "
+                                         f"indices, got {text!r}") from None
+
+
+def interval_flag(text):
+    """--save-interval: N optimizer steps, or N followed by 'min' for minutes."""
+    try:
+        if text.endswith("min"):
+            value, unit = float(text[:-3]), "min"
+        else:
+            value, unit = int(text), "steps"
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N (steps) or Nmin (minutes), got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the interval must be positive, got {text!r}")
+    return value, unit
+
+
+def add_model_flags(g):
+    """The architecture flags (main.py and bench.py)."""
+    g.add_argument("--emsize", type=int, default=PAPER["emsize"], help="embedding and LSTM size (ninp)")
+    g.add_argument("--nhid", type=int, default=PAPER["nhid"],
+                   help="Boom feed-forward width, a multiple of --emsize")
+    g.add_argument("--nlayers", type=int, default=PAPER["nlayers"], help="number of blocks")
+    g.add_argument("--attn-layers", type=attn_layers_flag, default=None,
+                   help="blocks with attention: all, none, or a comma list of indices; "
+                        "None means block nlayers-2, the paper's single attention")
+    g.add_argument("--heads", type=int, default=PAPER["heads"],
+                   help="split the attention into this many heads")
+    g.add_argument("--mem-len", type=int, default=PAPER["mem_len"],
+                   help="total attention window (memory + current positions); 0 carries no memory")
+
+
+def add_device_flags(g):
+    """Where and how the step runs (main.py and bench.py)."""
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto picks CUDA when present")
+    g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
+                   help="mixed precision: fp16 with dynamic loss scaling (like the original's "
+                        "apex O1), bf16, or none (float32); auto is fp16 on CUDA and none on "
+                        "the CPU. On the CPU fp16 runs the LSTMs in float32 (no CPU kernel)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the attention and feed-forward parts (LSTMs stay eager)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute attention and feed-forward activations in backward to save memory")
+
+
+def build_parser():
+    """main.py's flags; every default is the paper's (PAPER)."""
+    p = Parser(prog="main.py",
+               description="Train and evaluate the SHA-RNN (Merity 2019) language model. "
+                           "Defaults reproduce the paper's enwik8 first pass.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default=PAPER["data"], help="corpus folder with train.txt, valid.txt, test.txt")
+    a("--unk", action="store_true", help="map valid/test tokens unseen in train to <unk> "
+      "instead of stopping with an error")
+    g = p.add_argument_group("model (stored in the checkpoint; a value that contradicts a "
+                             "resumed checkpoint is an error)")
+    add_model_flags(g)
+    g.add_argument("--adaptive-softmax", action="store_true",
+                   help="adaptive softmax output for large word vocabularies (untied)")
+    g.add_argument("--cutoffs", type=int, nargs="+", default=None,
+                   help="adaptive softmax cluster boundaries; None picks them by vocabulary size")
+    g = p.add_argument_group("regularisation")
+    g.add_argument("--dropout", type=float, default=PAPER["dropout"], help="dropout on the final output")
+    g.add_argument("--dropouth", type=float, default=PAPER["dropouth"],
+                   help="dropout inside blocks (LSTM output, attention, feed-forward)")
+    g.add_argument("--dropouti", type=float, default=PAPER["dropouti"],
+                   help="dropout on the embedding output")
+    g.add_argument("--dropoute", type=float, default=PAPER["dropoute"],
+                   help="embedding dropout: drop whole token rows (AWD-LSTM); off in the paper")
+    g.add_argument("--wdrop", type=float, default=PAPER["wdrop"],
+                   help="DropConnect on each LSTM's hidden-to-hidden weights (AWD-LSTM); off in the paper")
+    g.add_argument("--wdecay", type=float, default=PAPER["wdecay"], help="weight decay on all parameters")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=PAPER["optimizer"],
+                   help=f"lamb (min trust {MIN_TRUST}), sgd (switches to averaged SGD after --nonmono "
+                        "epochs without improvement), adam, adamw, adagrad")
+    g.add_argument("--lr", type=float, default=PAPER["lr"], help="peak learning rate")
+    g.add_argument("--warmup", type=int, default=PAPER["warmup"],
+                   help="linear warmup over this many batches (counted over the whole run)")
+    g.add_argument("--cooldown", type=int, default=None,
+                   help="decay the learning rate linearly to 0 over the last N nominal batches "
+                        "(epochs x batches per epoch); None: no cooldown")
+    g.add_argument("--when", type=int, nargs="+", default=[],
+                   help="epochs after which the learning rate is divided by 10")
+    g.add_argument("--nonmono", type=int, default=5,
+                   help="sgd: non-improving epochs before switching to averaged SGD")
+    g.add_argument("--clip", type=float, default=PAPER["clip"], help="gradient norm clipping (0: off)")
+    g.add_argument("--epochs", type=int, default=PAPER["epochs"], help="number of epochs")
+    g.add_argument("--batch_size", type=int, default=PAPER["batch_size"], metavar="N",
+                   help="training batch size (global, split across torchrun ranks)")
+    g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
+    g.add_argument("--accumulate", type=int, default=PAPER["accumulate"],
+                   help="sum the losses of N consecutive batches (gradients flow through the "
+                        "state carried between them) and step once, as the original: the "
+                        "optimizer steps after batches 0, N, 2N, ... of each epoch")
+    g.add_argument("--seed", type=int, default=PAPER["seed"], help="random seed")
+    g = p.add_argument_group("run")
+    add_device_flags(g)
+    g.add_argument("--save", default=PAPER["save"], help="best-validation checkpoint path")
+    g.add_argument("--last", default=None,
+                   help="checkpoint to continue from after a stop; None: SAVE with .last.pt")
+    g.add_argument("--save-interval", type=interval_flag, default="30min",
+                   help="also write the last checkpoint every N optimizer steps, or every N "
+                        "minutes as Nmin (under torchrun checked at log intervals only)")
+    g.add_argument("--resume", default="",
+                   help="start from these weights (this project's checkpoint or an original "
+                        "state_dict) with a fresh optimizer and warmup: the paper's second pass")
+    g.add_argument("--continue", dest="continue_from", default="", metavar="PATH",
+                   help="continue an interrupted run exactly from its last checkpoint")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --resume on valid and test; train nothing, write nothing")
+    g.add_argument("--dynamic-eval", action="store_true",
+                   help="also report dynamic evaluation (Krause et al. 2018) on test "
+                        "(and valid with --eval-only)")
+    g.add_argument("--dyn-lr", type=float, default=5e-5, help="dynamic evaluation learning rate (eta)")
+    g.add_argument("--dyn-decay", type=float, default=2e-3,
+                   help="dynamic evaluation decay toward the trained weights (lambda)")
+    g.add_argument("--dyn-eps", type=float, default=2e-5, help="dynamic evaluation epsilon")
+    g.add_argument("--dyn-stat-batches", type=int, default=100,
+                   help="training batches for dynamic evaluation's gradient statistics")
+    g.add_argument("--log-interval", type=int, default=PAPER["log_interval"], metavar="N",
+                   help="log every N batches")
+    g.add_argument("--max-nonfinite", type=int, default=100,
+                   help="stop after this many consecutive non-finite losses")
+    g.add_argument("--run-dir", default=None,
+                   help="folder for args.json, env.json, log.txt, metrics.jsonl; None: SAVE with .run")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    g.add_argument("--dry-run", action="store_true",
+                   help=f"smoke test: {DRY_RUN['train_batches']} training batches and "
+                        f"{DRY_RUN['eval_batches']} evaluation batches per split, checkpoints in a "
+                        f"temporary folder")
+    return p
+
+
+def parse_args(argv=None, saved=None):
+    """The flags of `argv`; flags not given take the values of `saved` (a dict of flag
+    destinations, e.g. the flags of a checkpoint) where it has them, else the defaults."""
+    parser = build_parser()
+    if saved:
+        parser.set_defaults(**saved)
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Impossible flag combinations, as InputError (before anything is loaded)."""
+    if args.bptt < 5:
+        raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
+    for flag in ("--batch_size", "--accumulate", "--log-interval", "--epochs", "--max-nonfinite"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < (0 if flag == "--epochs" else 1):
+            raise InputError(f"{flag} must be positive, got {value}")
+    if args.warmup < 1:
+        raise InputError(f"--warmup must be at least 1, got {args.warmup}")
+    if args.lr <= 0:
+        raise InputError(f"--lr must be positive, got {args.lr}")
+    if args.eval_only and not args.resume:
+        raise InputError("--eval-only needs --resume CHECKPOINT")
+    if args.resume and args.continue_from:
+        raise InputError("--resume (new run from weights) and --continue (same run) exclude each other")
+    if args.cutoffs and not args.adaptive_softmax:
+        raise InputError("--cutoffs needs --adaptive-softmax")

@@ -1,0 +1,177 @@
+"""The training loop against a reference written out by hand: the learning rate of every
+batch over two epochs (warmup across the epoch boundary, --when), --accumulate's groups
+and summed-loss gradient, and dynamic evaluation's update with its decay term."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL, perturb, run_cli, sentences, write_corpus
+from data import Corpus, batchify
+from dyneval import dynamic_evaluate
+from lamb import Lamb
+from model import SHARNN
+
+LR, WARMUP, CLIP, WDECAY, SEED, BSZ, BPTT = 3e-3, 50, 0.25, 1.2e-6, 11, 4, 16
+
+
+def flag(name):
+    return SMALL[SMALL.index(name) + 1]
+
+
+def reference_run(folder, epochs, accumulate, when):
+    """Two epochs as the original trains them, written out with no code from main.py:
+    returns (final weights, lr of every batch, optimizer steps)."""
+    corpus = Corpus(folder, cache=False)
+    torch.manual_seed(SEED)
+    rng = np.random.RandomState(SEED)
+    model = SHARNN(len(corpus.dictionary), int(flag("--emsize")), int(flag("--nhid")),
+                   int(flag("--nlayers")), attn_layers=[0], mem_len=int(flag("--mem-len")),
+                   dropout=0.0, dropouth=0.0, dropouti=0.0)
+    params = list(model.parameters())
+    optimizer = Lamb(params, lr=LR, weight_decay=WDECAY, min_trust=0.25)
+    train = batchify(corpus.train, BSZ)
+    rows = train.shape[0]
+    nominal = rows // BPTT
+    lrs, steps = [], 0
+    for epoch in range(epochs):
+        i = b = 0
+        hidden = mems = None
+        group_loss = None
+        model.train()
+        while i < rows - 2:
+            base = BPTT if rng.random_sample() < 0.95 else BPTT / 2
+            seq = min(min(max(5, int(rng.normal(base, 5))), BPTT), rows - 1 - i)
+            count = epoch * nominal + b + 1
+            lr = LR * min(count, WARMUP) / WARMUP * (0.1 if epoch + 1 > when else 1.0)
+            lrs.append(lr)
+            out, hidden, mems = model(train[i:i + seq], hidden, mems)
+            loss = model.loss(out, train[i + 1:i + 1 + seq]).mean()
+            group_loss = loss if group_loss is None else group_loss + loss
+            if b % accumulate == 0:  # groups {0}, {1..N}, {N+1..2N}, ...
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                group_loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, CLIP)
+                optimizer.step()
+                optimizer.zero_grad()
+                hidden = [tuple(t.detach() for t in h) for h in hidden]
+                mems = [None if m is None else m.detach() for m in mems]
+                group_loss = None
+                steps += 1
+            i += seq
+            b += 1
+    return model.state_dict(), lrs, steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+def test_two_epochs_equal_the_hand_written_loop(capsys, tmp_path, accumulate):
+    """Weights, per-batch learning rates and step counts of main.py after two epochs with
+    --when 1 and a warmup longer than an epoch equal the reference loop's."""
+    folder = write_corpus(tmp_path / "data", sentences(60, 1), sentences(10, 2), sentences(10, 3))
+    save = str(tmp_path / "m.pt")
+    code, _, err = run_cli(capsys, "--data", folder, "--save", save, *SMALL, "--epochs", "2",
+                           "--seed", str(SEED), "--lr", str(LR), "--warmup", str(WARMUP),
+                           "--when", "1", "--accumulate", str(accumulate), "--log-interval", "1",
+                           "--dropout", "0", "--dropouth", "0", "--dropouti", "0")
+    assert code == 0, err
+    weights, lrs, steps = reference_run(folder, 2, accumulate, when=1)
+    nominal = batchify(Corpus(folder, cache=False).train, BSZ).shape[0] // BPTT
+    assert nominal < WARMUP < len(lrs)  # the warmup crosses the epoch boundary
+
+    records = [json.loads(line) for line in open(tmp_path / "m.run" / "metrics.jsonl")]
+    logged = [r["lr"] for r in records if r["type"] == "train"]
+    assert logged == pytest.approx(lrs, rel=1e-12)
+
+    last = torch.load(str(tmp_path / "m.last.pt"), weights_only=True)
+    assert last["progress"]["steps"] == steps
+    for name, value in weights.items():
+        torch.testing.assert_close(last["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_accumulated_group_gradient_flows_through_the_carried_state():
+    """The summed loss of a group backpropagates into the first batch through the state
+    it hands to the second: the group gradient differs from the sum of detached gradients."""
+    torch.manual_seed(0)
+    model = perturb(SHARNN(10, 8, 16, 2, attn_layers=[0], mem_len=12, dropout=0.0,
+                           dropouth=0.0, dropouti=0.0))
+    data = torch.randint(0, 10, (20, 2))
+    x1, y1, x2, y2 = data[:8], data[1:9], data[8:16], data[9:17]
+
+    out, hidden, mems = model(x1)
+    loss = model.loss(out, y1).mean()
+    out, _, _ = model(x2, hidden, mems)
+    (loss + model.loss(out, y2).mean()).backward()
+    joint = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    out, hidden, mems = model(x1)
+    model.loss(out, y1).mean().backward()
+    hidden = [tuple(t.detach() for t in h) for h in hidden]
+    mems = [None if m is None else m.detach() for m in mems]
+    out, _, _ = model(x2, hidden, mems)
+    model.loss(out, y2).mean().backward()
+    detached = [p.grad for p in model.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(joint, detached))
+
+
+def reference_dynamic(model, train, source, bptt, lr, decay, eps, stat_batches):
+    """Dynamic evaluation written out: per-chunk loss sums."""
+    params = list(model.parameters())
+    p0 = [p.detach().clone() for p in params]
+    model.eval()
+    sq = [torch.zeros_like(p) for p in params]
+    hidden = mems = None
+    n = 0
+    for i in range(0, min(train.shape[0] - 1, stat_batches * bptt), bptt):
+        model.zero_grad()
+        seq = min(bptt, train.shape[0] - 1 - i)
+        out, hidden, mems = model(train[i:i + seq], hidden, mems)
+        model.loss(out, train[i + 1:i + 1 + seq]).mean().backward()
+        hidden = [tuple(t.detach() for t in h) for h in hidden]
+        mems = [None if m is None else m.detach() for m in mems]
+        for s, p in zip(sq, params):
+            s += p.grad ** 2
+        n += 1
+    rms = [(s / n).sqrt() for s in sq]
+    mean = sum(r.mean() for r in rms) / len(rms)
+    rate = [torch.clamp(r / mean, max=1 / decay) for r in rms]
+    scores = []
+    hidden = mems = None
+    for i in range(0, source.shape[0] - 1, bptt):
+        model.zero_grad()
+        seq = min(bptt, source.shape[0] - 1 - i)
+        out, hidden, mems = model(source[i:i + seq], hidden, mems)
+        losses = model.loss(out, source[i + 1:i + 1 + seq])
+        scores.append(losses.detach().double().sum())
+        losses.mean().backward()
+        hidden = [tuple(t.detach() for t in h) for h in hidden]
+        mems = [None if m is None else m.detach() for m in mems]
+        with torch.no_grad():
+            for p, start, r, dr in zip(params, p0, rms, rate):
+                p += decay * dr * (start - p)
+                p -= lr * p.grad / (r + eps)
+    with torch.no_grad():
+        for p, start in zip(params, p0):
+            p.copy_(start)
+    return torch.stack(scores)
+
+
+def test_dynamic_evaluation_equals_the_written_out_update_with_its_decay():
+    torch.manual_seed(3)
+    model = perturb(SHARNN(12, 8, 16, 2, attn_layers=[1], mem_len=10, dropout=0.0,
+                           dropouth=0.0, dropouti=0.0))
+    train = torch.randint(0, 12, (90, 3))
+    source = torch.randint(0, 12, (60, 2))
+    kwargs = dict(lr=2e-3, decay=0.3, eps=2e-5, stat_batches=4)
+    expected = reference_dynamic(model, train, source, 8, **kwargs)
+    loss, chunks = dynamic_evaluate(model, train, source, 2, 8, torch.autocast("cpu", enabled=False),
+                                    **kwargs)
+    torch.testing.assert_close(chunks, expected, rtol=1e-6, atol=1e-6)
+    assert loss == pytest.approx(expected.sum().item() / (60 * 2))
+    # The decay term matters here: without it the scores differ.
+    no_decay = reference_dynamic(model, train, source, 8, **dict(kwargs, decay=1e-12))
+    assert not torch.allclose(no_decay, expected, rtol=1e-4, atol=1e-4)
