@@ -29,9 +29,9 @@ import main
 from checkpoint import model_config
 from flags import MIN_TRUST, PAPER, Parser, add_device_flags, add_model_flags
 from lamb import Lamb
-from model import LN_EPS, SHARNN, gelu
+from model import LN_EPS, SHARNN, gelu, lstm_needs_float32
 from flags import InputError
-from runtime import autocast, make_scaler, pick_device
+from runtime import amp_mode, autocast, make_scaler, pick_device
 
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
@@ -182,6 +182,11 @@ def floor_lstm(P, prefix, x, hidden, training):
         zeros = x.new_zeros(1, x.shape[1], x.shape[2])
         hidden = (zeros, zeros)
     weights = [P[prefix + name] for name in LSTM_WEIGHTS]
+    if lstm_needs_float32(x):
+        with torch.autocast("cpu", enabled=False):
+            x, hidden = x.float(), tuple(t.float() for t in hidden)
+            out, h, c = torch._VF.lstm(x, hidden, weights, True, 1, 0.0, training, False, False)
+        return out, (h, c)
     out, h, c = torch._VF.lstm(x, hidden, weights, True, 1, 0.0, training, False, False)
     return out, (h, c)  # out: [T, B, E]
 
@@ -369,10 +374,11 @@ def header(args, model, device, warmup):
     """The lines describing the machine, the model and the measurement."""
     whole_run = "the whole run" + (", model and floor" if args.floor else "")
     if device.type == "cuda":
-        machine = f"device: {torch.cuda.get_device_name(device)}, amp {args.amp}"
+        machine = f"device: {torch.cuda.get_device_name(device)}, amp {amp_mode(device, args.amp)}"
         memory = f"peak memory: torch.cuda.max_memory_allocated over {whole_run}"
     else:
-        machine = (f"device: CPU {cpu_name()}, {torch.get_num_threads()} threads, float32, "
+        machine = (f"device: CPU {cpu_name()}, {torch.get_num_threads()} threads, "
+                   f"amp {amp_mode(device, args.amp)}, "
                    f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         memory = f"peak memory: peak resident set size of the process over {whole_run}"
     nparams = sum(p.numel() for p in model.parameters())

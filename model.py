@@ -118,9 +118,7 @@ class Block(nn.Module):
         """The LSTM, with DropConnect on its hidden-to-hidden weights while training
         (`wdrop`, from AWD-LSTM): a fresh mask each call, applied functionally so the
         optimizer keeps stepping the real parameter and the fused kernel still runs."""
-        if h.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
-                and torch.get_autocast_dtype("cpu") == torch.float16:
-            # The CPU has no float16 LSTM kernel: this LSTM runs in float32 there.
+        if lstm_needs_float32(h):
             with torch.autocast("cpu", enabled=False):
                 hidden = None if hidden is None else tuple(t.float() for t in hidden)
                 return self.recurrent(h.float(), hidden)
@@ -158,6 +156,13 @@ class Block(nn.Module):
             h = h + self._maybe_checkpoint(self.mix, h, big, mask)
         h = self._maybe_checkpoint(self.feedforward, h)
         return h, new_hidden, new_mem
+
+
+def lstm_needs_float32(x):
+    """True under float16 autocast on the CPU, which has no float16 LSTM kernel: the LSTMs
+    then run in float32."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.float16)
 
 
 def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts):

@@ -142,3 +142,11 @@ def test_cli_rejects_bad_flags():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--steps", "0"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "--steps must be positive" in proc.stderr
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cli_runs_mixed_precision_on_the_cpu(amp):
+    lines = run_bench("--amp", amp, "--floor")
+    assert any(line.startswith("device: CPU") and f"amp {amp}," in line for line in lines)
+    assert re.fullmatch("train: " + RESULT, lines[-1]), lines[-1]
+    assert any(line.startswith("device: CPU") and "amp none," in line for line in run_bench())

@@ -298,3 +298,24 @@ def test_stdin_prime_matches_flag_prime_and_no_input_starts_from_eos(capsys, byt
     assert empty.returncode == 0, empty.stderr.decode()
     assert generate.main([*args, "--prime", "\n"]) == 0
     assert "\n" + empty.stdout.decode("utf-8") == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_amp_runs_the_model_under_cpu_autocast(capsys, byte_ckpt, monkeypatch, amp, dtype):
+    seen = []
+    forward = SHARNN.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SHARNN, "forward", recording)
+    code, out, err = run_cli(capsys, byte_ckpt, "--prime", "the cat ", "--length", "30",
+                             "--top-k", "1", "--amp", amp)
+    assert code == 0, err
+    assert out.startswith("the cat ") and len(out.encode()) >= len("the cat ") + 1
+    assert seen and set(seen) == {dtype}
+    seen.clear()
+    code, _, err = run_cli(capsys, byte_ckpt, "--prime", "the cat ", "--length", "30")
+    assert code == 0, err
+    assert set(seen) == {None}  # float32 by default
