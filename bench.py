@@ -56,7 +56,7 @@ def build_parser():
                         "or the plain matmul-softmax-matmul reference")
     g = p.add_argument_group("step")
     g.add_argument("--bptt", type=int, default=1024, help="sequence length of every step")
-    g.add_argument("--batch_size", type=int, default=16, metavar="N", help="batch size")
+    g.add_argument("--batch_size", "--batch-size", type=int, default=16, metavar="N", help="batch size")
     add_device_flags(g)
     g = p.add_argument_group("measurement")
     g.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
@@ -69,8 +69,6 @@ def build_parser():
                    help="also time a bare functional implementation of the same step (eager, "
                         "no activation checkpointing) on the same weights and batches, "
                         "interleaved with the model's steps, and print the model's overhead")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch; None keeps torch's own choice")
     g.add_argument("--seed", type=int, default=5512, help="seed for the weights and the tokens")
     p.set_defaults(adaptive_softmax=False)  # the byte-level model: full softmax, tied decoder
     return p
@@ -83,8 +81,6 @@ def check_args(args):
             raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.warmup_steps < 0:
         raise InputError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be positive, got {args.threads}")
 
 
 def build_model(args, device):

@@ -211,7 +211,8 @@ def load_start(args):
 
 def flags_from(start, args):
     """The flag values a start checkpoint supplies for flags not given on the command line:
-    all of them for --continue (the same run goes on), the architecture for --resume."""
+    all of them for --continue (the same run goes on), the architecture and the data folder
+    for --resume and --eval-only."""
     if start is None:
         return {}
     if args.continue_from:
@@ -224,6 +225,8 @@ def flags_from(start, args):
     saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
     saved["emsize"] = config["ninp"]
     saved["adaptive_softmax"] = config["cutoffs"] is not None
+    if "data" in start.get("args", {}):
+        saved["data"] = start["args"]["data"]
     return saved
 
 

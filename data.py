@@ -6,7 +6,8 @@ format" writes every byte as its decimal value, values separated by single space
 newline byte as a real line break; its vocabulary is the decimal byte values plus ``<eos>``.
 
 Command line: ``python data.py prepare NAME ARCHIVE OUTDIR`` turns a downloaded archive
-(enwik8, text8, WikiText, Penn Treebank) into such a folder.
+(enwik8, text8, WikiText, Penn Treebank) into such a folder, and ``python data.py text FILE
+OUTDIR`` does the same for any file of your own (byte level, split 90/5/5).
 """
 
 import argparse
@@ -634,6 +635,35 @@ def prepare_ptb(tgz_path, out_dir, char=False):
     _write_splits(out_dir, parts, byte_level=False)
 
 
+def prepare_text(files, out_dir, fraction=0.05):
+    """Any text or binary files -> a byte-level corpus folder. Three files are train, valid
+    and test as they are; one file is split in order: test = its last ``fraction``, valid
+    = the ``fraction`` before, train = the rest. Refuses a folder that already holds a
+    split, so that nothing is overwritten."""
+    if len(files) not in (1, 3):
+        raise InputError(f"give one file (split into train/valid/test) or three (train, valid, "
+                         f"test), got {len(files)}")
+    if not 0 < fraction < 0.5:
+        raise InputError(f"--fraction must be between 0 and 0.5, got {fraction}")
+    out = Path(out_dir)
+    taken = [split for split in SPLITS if (out / f"{split}.txt").exists()]
+    if taken:
+        raise InputError(f"{out / (taken[0] + '.txt')} exists; choose a new folder")
+    for path in files:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
+    data = [Path(path).read_bytes() for path in files]
+    if len(files) == 3:
+        parts = dict(zip(SPLITS, data))
+    else:
+        held = int(len(data[0]) * fraction)
+        parts = _held_out_parts(data[0], held, files[0])
+    for split, part in parts.items():
+        if not len(part):
+            raise InputError(f"the {split} split would be empty; give a larger file")
+    _write_splits(out_dir, parts, byte_level=True)
+
+
 def prepare(name, archive, out_dir, split=5_000_000):
     """Prepare dataset ``name`` (one of DATASETS) from its downloaded archive."""
     if name == "enwik8":
@@ -666,8 +696,21 @@ def main(argv=None):
     prep.add_argument("outdir", metavar="OUTDIR", help="folder to write (created if needed)")
     prep.add_argument("--split", type=int, default=5_000_000,
                       help="enwik8 and text8: bytes in each of valid and test (default 5000000)")
+    text = commands.add_parser(
+        "text", help="turn your own text (or any) files into a byte-level corpus folder",
+        description="Write OUTDIR/train.txt, valid.txt and test.txt in the byte format (one "
+                    "decimal value per byte) from FILE: one file is split in order, its last "
+                    "FRACTION the test split and the FRACTION before it the valid split; three "
+                    "files are train, valid and test as given. Then: python main.py --data OUTDIR")
+    text.add_argument("files", metavar="FILE", nargs="+", help="one file, or three: train valid test")
+    text.add_argument("outdir", metavar="OUTDIR", help="new folder to write (created if needed)")
+    text.add_argument("--fraction", type=float, default=0.05,
+                      help="one file: the share of its bytes in each of valid and test (default 0.05)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "text":
+            prepare_text(args.files, args.outdir, args.fraction)
+            return 0
         prepare(args.name, args.archive, args.outdir, args.split)
     except (InputError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

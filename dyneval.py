@@ -51,8 +51,10 @@ def dynamic_evaluate(model, train_data, source, bsz, bptt, amp_ctx, lr, decay, e
 
         chunk_losses = []
         hidden = mems = None
+        rows = source.shape[0]
         for c, i in enumerate(range(0, source.shape[0] - 1, bptt)):
             if max_batches is not None and c >= max_batches:
+                rows = i  # cut short: the mean over the rows scored
                 break
             model.zero_grad(set_to_none=True)
             x, y = get_batch(source, i, bptt)
@@ -72,4 +74,4 @@ def dynamic_evaluate(model, train_data, source, bsz, bptt, amp_ctx, lr, decay, e
             p.copy_(p0)
     model.zero_grad(set_to_none=True)
     chunk_losses = torch.stack(chunk_losses)
-    return chunk_losses.sum().item() / (source.shape[0] * bsz), chunk_losses
+    return chunk_losses.sum().item() / (rows * bsz), chunk_losses

@@ -7,6 +7,7 @@ where those numbers live. docs/model.md describes what they control.
 
 import argparse
 import math
+import os
 
 # The paper's enwik8 first pass, every hyper-parameter in one place.
 PAPER = dict(
@@ -28,10 +29,12 @@ class InputError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit code 2) instead of the usage dump."""
+    """argparse with one-line errors (exit code 2) instead of the usage dump; under torchrun
+    only rank 0 prints it, so the line appears once."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0"
+                  else None)
 
 
 def attn_layers_flag(text):
@@ -74,10 +77,30 @@ def add_model_flags(g):
                    help="total attention window (memory + current positions); 0 carries no memory")
 
 
+def threads_flag(text):
+    """--threads: a positive number of CPU threads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_threads_flag(g):
+    """--threads (main.py, generate.py, bench.py)."""
+    g.add_argument("--threads", type=threads_flag, default=None,
+                   help="CPU threads for torch; None keeps torch's choice (one per core). "
+                        "Lower it when other processes share the CPU: each busy core torch "
+                        "counts on but cannot get can slow every step many times over")
+
+
 def add_device_flags(g):
     """Where and how the step runs (main.py and bench.py)."""
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when present")
+    add_threads_flag(g)
     g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
                    help="mixed precision: fp16 with dynamic loss scaling (like the original's "
                         "apex O1), bf16, or none (float32); auto is fp16 on CUDA and none on "
@@ -132,7 +155,7 @@ def build_parser():
                    help="sgd: non-improving epochs before switching to averaged SGD")
     g.add_argument("--clip", type=float, default=PAPER["clip"], help="gradient norm clipping (0: off)")
     g.add_argument("--epochs", type=int, default=PAPER["epochs"], help="number of epochs")
-    g.add_argument("--batch_size", type=int, default=PAPER["batch_size"], metavar="N",
+    g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
     g.add_argument("--accumulate", type=int, default=PAPER["accumulate"],

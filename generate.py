@@ -22,7 +22,7 @@ import torch
 
 from data import EOS, UNK, decode_tokens, is_byte_vocabulary
 from checkpoint import load_checkpoint, model_from_checkpoint
-from flags import InputError, Parser
+from flags import InputError, Parser, add_threads_flag
 from runtime import autocast, pick_device
 
 PRIME_CHUNK = 1024  # most prime positions run through the model at once
@@ -53,6 +53,7 @@ def build_parser():
                         "text (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when present")
+    add_threads_flag(p)
     p.add_argument("--amp", choices=("fp16", "bf16", "none"), default="none",
                    help="mixed precision for the model's forward passes, on CUDA or the CPU "
                         "(default none: float32); on the CPU fp16 runs the LSTMs in float32")
@@ -247,6 +248,8 @@ def run(args):
     """Load the checkpoint, read and tokenise the prime, stream the sample; the exit code."""
     check_args(args)
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, vocab = load_model(args.checkpoint, device)
     prime = read_prime(args.prime, sys.stdin)
     prime_ids = tokenize(prime, vocab)

@@ -35,7 +35,7 @@ from flags import (DRY_RUN, EVAL_BATCH_SIZE, MIN_TRUST, TEST_BATCH_SIZE, InputEr
 from lamb import Lamb
 from runtime import (Dist, Stop, agree, all_sum, amp_mode, autocast, make_scaler, pick_device,
                      setup_distributed)
-from utils import RunLog, environment, safe_exp, write_json
+from utils import RunLog, append_json_line, environment, safe_exp, write_json
 
 LOG2 = math.log(2)
 
@@ -60,6 +60,18 @@ def sample_seq_len(rng, bptt):
     clamped to [5, bptt]. `rng` is a numpy RandomState (the original's global stream)."""
     base = bptt if rng.random_sample() < 0.95 else bptt / 2.0
     return min(max(5, int(rng.normal(base, 5))), bptt)
+
+
+def batches_left(rng, i, rows, bptt):
+    """How many batches the epoch still takes from stream position `i`: the sequence
+    lengths drawn from a copy of `rng`, so the real stream is untouched."""
+    twin = np.random.RandomState()
+    twin.set_state(rng.get_state())
+    n = 0
+    while i < rows - 2:
+        i += min(sample_seq_len(twin, bptt), rows - 1 - i)
+        n += 1
+    return n
 
 
 # --- the optimizer -----------------------------------------------------------------------
@@ -133,12 +145,17 @@ def evaluate(model, source, bsz, bptt, amp_ctx, d, max_batches=None, stop=None, 
     """The sum over chunks of bptt of len(chunk) * mean loss(chunk), state carried from chunk
     to chunk, divided by the split's (batchified) length: docs/model.md, Evaluation. `bsz`
     is the global batch size: ranks hold shares of its columns and their sums are added.
-    Returns None if stopped by a signal."""
+    Cut short by `max_batches`, the sum is divided by the rows scored instead: the mean
+    loss of what was evaluated. Returns None if stopped by a signal."""
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=source.device)
     hidden = mems = None
+    rows = source.shape[0]
     for n, i in enumerate(range(0, source.shape[0] - 1, bptt)):
-        if (max_batches is not None and n >= max_batches) or (stop and stop.reason):
+        if max_batches is not None and n >= max_batches:
+            rows = i  # the rows scored so far
+            break
+        if stop and stop.reason:
             break
         x, y = get_batch(source, i, bptt)
         with amp_ctx:
@@ -148,7 +165,7 @@ def evaluate(model, source, bsz, bptt, amp_ctx, d, max_batches=None, stop=None, 
             bar.update(x.numel() * d.world)
     if stop and stop.reason:
         return None
-    return all_sum(total, d).item() / (source.shape[0] * bsz)
+    return all_sum(total, d).item() / (rows * bsz)
 
 
 def eval_batch_size(args):
@@ -188,6 +205,13 @@ class Run:
         """--dry-run's cap on training or evaluation batches ('train' or 'eval'), else None."""
         return DRY_RUN[f"{kind}_batches"] if self.args.dry_run else None
 
+    def dry_note(self, source):
+        """What a --dry-run evaluation of `source` covered, to mark its numbers; else ''."""
+        if not self.args.dry_run:
+            return ""
+        chunks = len(range(0, source.shape[0] - 1, self.args.bptt))
+        return f" | dry run: {min(chunks, self.limit('eval'))} of {chunks} chunks"
+
 
 def progress_bar(run, total, desc):
     if run.args.no_progress or not run.d.main or not sys.stderr.isatty():
@@ -205,6 +229,9 @@ def train_epoch(run, progress):
     args, d = run.args, run.d
     n = run.train_data.shape[0]
     nominal = n // args.bptt  # the original's batches per epoch, used in the lr schedule
+    limit = run.limit("train")
+    batches = progress.batch + batches_left(run.rng, progress.i, n, args.bptt)  # logged
+    batches = min(batches, limit) if limit else batches
     run.model.train()
     total_loss = torch.zeros((), device=run.device)
     streak = torch.zeros((), device=run.device)  # consecutive non-finite losses
@@ -215,7 +242,6 @@ def train_epoch(run, progress):
     log_start = last_save_time = time.time()
     last_save_step = progress.steps
     interval, unit = args.save_interval
-    limit = run.limit("train")
     bar = progress_bar(run, (n - 1) * args.batch_size, f"epoch {progress.epoch + 1}")
     if bar:
         bar.update(progress.i * args.batch_size)
@@ -246,7 +272,7 @@ def train_epoch(run, progress):
             elapsed = time.time() - log_start
             cur_loss = all_sum(total_loss.clone(), d).item() / (logged_batches * d.world)
             ms = elapsed * 1000 / logged_batches
-            run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{nominal:5d} batches | "
+            run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
                     f"lr {lr:05.5f} | ms/batch {ms:5.2f} | loss {cur_loss:5.2f} | "
                     f"ppl {safe_exp(cur_loss):8.2f} | bpc {cur_loss / LOG2:8.3f}")
             run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
@@ -298,7 +324,7 @@ def validate(run, progress):
         run.log("-" * 89)
         run.log(f"| end of epoch {progress.epoch + 1:3d} | time: {progress.epoch_time:5.2f}s | "
                 f"valid loss {val_loss:5.2f} | valid ppl {safe_exp(val_loss):8.2f} | "
-                f"valid bpc {val_loss / LOG2:8.3f}")
+                f"valid bpc {val_loss / LOG2:8.3f}" + run.dry_note(run.val_data))
         run.log("-" * 89)
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
@@ -349,10 +375,10 @@ def train(run, progress):
     return "done"
 
 
-def report(run, kind, name, loss):
-    """One result line: loss, perplexity and bits per character."""
+def report(run, kind, name, loss, source):
+    """One result line: loss, perplexity and bits per character of `source`."""
     run.log(f"| {kind} | {name} loss {loss:5.2f} | {name} ppl {safe_exp(loss):8.2f} | "
-            f"{name} bpc {loss / LOG2:8.3f}")
+            f"{name} bpc {loss / LOG2:8.3f}" + run.dry_note(source))
 
 
 def test(run):
@@ -368,7 +394,7 @@ def test(run):
     if bar:
         bar.close()
     run.log("=" * 89)
-    report(run, "End of training", "test", test_loss)
+    report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
     run.log.metrics(type="test", test_loss=test_loss, test_bpc=test_loss / LOG2, time=time.time())
     if run.args.dynamic_eval:
@@ -380,7 +406,7 @@ def report_dynamic(run, source, bsz, name):
     loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt, run.amp(),
                                args.dyn_lr, args.dyn_decay, args.dyn_eps, args.dyn_stat_batches,
                                max_batches=run.limit("eval"))
-    report(run, "dynamic eval", name, loss)
+    report(run, "dynamic eval", name, loss, source)
     run.log.metrics(type=f"dynamic_{name}", loss=loss, bpc=loss / LOG2, time=time.time())
 
 
@@ -390,7 +416,7 @@ def eval_only(run):
                               ("test", run.test_data, TEST_BATCH_SIZE)):
         loss = evaluate(run.model, source, bsz, run.args.bptt, run.amp(), run.d,
                         max_batches=run.limit("eval"))
-        report(run, "eval only", name, loss)
+        report(run, "eval only", name, loss, source)
         if run.args.dynamic_eval:
             report_dynamic(run, source, bsz, name)
 
@@ -399,7 +425,7 @@ def eval_only(run):
 
 def resolve_flags(argv):
     """The flags, then the checkpoint to start from; flags not given take the checkpoint's
-    values (all of them for --continue, the architecture for --resume)."""
+    values (all of them for --continue, the architecture and --data for --resume)."""
     args = parse_args(argv)
     check_args(args)
     start = ckpt.load_start(args)
@@ -463,11 +489,13 @@ def device_data(corpus, args, d, device):
 def setup(args, start, tmp):
     """Load data and weights, and build the Run and its Progress."""
     d, device = setup_distributed(pick_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     paths = paths_for(args, tmp)
     writes = not args.eval_only
-    if writes and d.main:
-        for key in ("save", "last"):
-            ckpt.check_writable(paths[key])
+    if writes and d.main:  # a dry run checks the paths a real run would write
+        for path in (args.save, paths_for(args, None)["last"], paths["save"], paths["last"]):
+            ckpt.check_writable(path)
     if args.dynamic_eval and d.world > 1:
         raise InputError("--dynamic-eval runs in one process; launch it without torchrun")
     if args.batch_size % d.world:
@@ -500,9 +528,14 @@ def setup(args, start, tmp):
 
     log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
                  append=bool(args.continue_from))
-    if writes and d.main:
-        write_json(os.path.join(paths["run_dir"], "args.json"), dict(vars(args), model=config))
-        write_json(os.path.join(paths["run_dir"], "env.json"), environment())
+    if writes and d.main:  # the first start's flags and machine; each --continue adds a line
+        flags, env = dict(vars(args), model=config), environment()
+        if args.continue_from:
+            append_json_line(os.path.join(paths["run_dir"], "continues.jsonl"),
+                             {"time": time.time(), "args": flags, "env": env})
+        else:
+            write_json(os.path.join(paths["run_dir"], "args.json"), flags)
+            write_json(os.path.join(paths["run_dir"], "env.json"), env)
     run = Run(args, model, net, optimizer, scaler, config, corpus.dictionary.idx2word,
               train_data, val_data, test_data, device, d, log, rng, Stop(), paths)
     return run, progress
@@ -533,6 +566,8 @@ def execute(run, progress):
         run.log("-" * 89)
         run.log("Exiting from training early")
     test(run)
+    if ended == "interrupt":
+        run.log(f"Stopped by Ctrl-C; continue with --continue {run.paths['last']}")
     return 0
 
 
@@ -550,7 +585,8 @@ def main(argv=None):
             dist.barrier()  # no rank tears the group down while another still talks to it
         return code
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

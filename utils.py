@@ -55,6 +55,11 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def append_json_line(path, obj):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
 def environment():
     """What the run ran on: Python, torch, CUDA/cuDNN, GPU, git commit."""
     cuda = torch.cuda.is_available()

@@ -65,7 +65,10 @@ def test_dry_run_writes_nothing(capsys, corpus_dir, tmp_path):
     before = set(os.listdir(tmp_path))
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), "--dry-run", *SMALL)
     assert code == 0, err
-    assert "| end of epoch   1 |" in out and END_LINE.search(out.splitlines()[-2])
+    # Dry-run numbers are marked as such, with how much of the split they cover.
+    end, mark = out.splitlines()[-2].split(" | dry run: ")
+    assert "| end of epoch   1 |" in out and END_LINE.search(end)
+    assert re.fullmatch(r"2 of \d+ chunks", mark)
     assert set(os.listdir(tmp_path)) - {"data"} == before - {"data"}
 
 

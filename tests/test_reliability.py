@@ -117,6 +117,7 @@ def test_sigint_stops_then_tests_the_best_checkpoint(corpus_dir, tmp_path):
     assert proc.returncode == 0, err
     assert "Exiting from training early" in out
     assert "| End of training | test loss" in out
+    assert out.splitlines()[-1] == f"Stopped by Ctrl-C; continue with --continue {tmp_path / 'm.last.pt'}"
     assert os.path.exists(str(tmp_path / "m.last.pt"))
     assert "Traceback" not in err
 

@@ -1,0 +1,157 @@
+"""A newcomer's first hour: own text in one command, honest dry runs, --threads, the data
+folder remembered by a checkpoint, run records that keep every start, exact batch counts."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+from conftest import ROOT, SMALL, run_cli, sentences
+from main import evaluate
+from runtime import Dist
+
+TEXT = sentences(900, 5)  # about 37k bytes of English-like text
+
+
+def make_text_corpus(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_bytes(TEXT)
+    out = tmp_path / "book"
+    assert data.main(["text", str(path), str(out)]) == 0
+    return str(path), str(out)
+
+
+def test_own_text_file_becomes_a_byte_corpus_split_in_order(tmp_path):
+    _, out = make_text_corpus(tmp_path)
+    raw = {split: open(os.path.join(out, f"{split}.txt.raw"), "rb").read() for split in data.SPLITS}
+    held = int(len(TEXT) * 0.05)
+    assert len(raw["valid"]) == len(raw["test"]) == held
+    assert raw["train"] + raw["valid"] + raw["test"] == TEXT  # in order, nothing lost
+    with open(os.path.join(out, "train.txt"), "rb") as f:
+        assert f.read() == data.byte_format(raw["train"])
+    corpus = data.Corpus(out, cache=False)
+    assert corpus.byte_level
+    assert data.decode_tokens(corpus.test, corpus.dictionary.idx2word, True) == raw["test"]
+
+
+def test_three_files_are_train_valid_test_and_nothing_is_overwritten(tmp_path, capsys):
+    files = []
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        (tmp_path / name).write_bytes(sentences(50, seed))
+        files.append(str(tmp_path / name))
+    out = str(tmp_path / "three")
+    assert data.main(["text", *files, out]) == 0
+    for split, path in zip(data.SPLITS, files):
+        assert open(os.path.join(out, f"{split}.txt.raw"), "rb").read() == open(path, "rb").read()
+    before = open(os.path.join(out, "train.txt"), "rb").read()
+    capsys.readouterr()
+    assert data.main(["text", files[0], out]) == 2  # the folder holds a corpus already
+    assert "exists" in capsys.readouterr().err
+    assert open(os.path.join(out, "train.txt"), "rb").read() == before
+    assert data.main(["text", files[0], files[1], str(tmp_path / "x")]) == 2
+
+
+def test_readme_two_commands_train_on_own_text(tmp_path, capsys):
+    path, out = make_text_corpus(tmp_path)
+    code, stdout, err = run_cli(capsys, "--data", out, "--save", str(tmp_path / "book.pt"),
+                                "--epochs", "1", *SMALL)
+    assert code == 0, err
+    assert "| End of training | test loss" in stdout
+
+
+def test_dry_run_reports_the_mean_over_what_it_evaluated():
+    class TargetLoss(torch.nn.Module):
+        def forward(self, x, hidden=None, mems=None):
+            return x.float()[..., None], hidden, mems
+
+        def loss(self, output, targets):
+            return targets.reshape(-1).float()
+
+    source = torch.arange(10).view(10, 1)
+    off = torch.autocast("cpu", enabled=False)
+    # The first chunk (bptt 4) has targets 1..4: its mean is 2.5, whatever follows.
+    assert evaluate(TargetLoss(), source, 1, 4, off, Dist(), max_batches=1) == pytest.approx(2.5)
+    # Two chunks: targets 1..8, mean 4.5.
+    assert evaluate(TargetLoss(), source, 1, 4, off, Dist(), max_batches=2) == pytest.approx(4.5)
+    # The whole split keeps the original's sum / length.
+    assert evaluate(TargetLoss(), source, 1, 4, off, Dist()) == pytest.approx(4.5)
+
+
+def test_dry_run_checks_the_real_paths(capsys, corpus_dir, tmp_path):
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "no" / "x.pt"),
+                           "--dry-run", *SMALL)
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err
+
+
+def test_threads_flag_sets_torch_threads_and_is_recorded(capsys, corpus_dir, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
+                               "--epochs", "1", *SMALL, "--threads", "2")
+        assert code == 0, err
+        env = json.loads((tmp_path / "m.run" / "env.json").read_text())
+        assert env["cpu_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--threads", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--threads" in result.stderr
+
+
+def test_batch_size_takes_both_spellings():
+    from flags import parse_args
+    assert parse_args(["--batch-size", "7"]).batch_size == parse_args(["--batch_size", "7"]).batch_size == 7
+
+
+def test_eval_only_and_resume_take_the_data_folder_from_the_checkpoint(capsys, corpus_dir, tmp_path):
+    save = str(tmp_path / "m.pt")
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "1", *SMALL)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "--eval-only", "--resume", save, "--no-progress")
+    assert code == 0, err
+    assert out.count("| eval only |") == 2
+    code, _, err = run_cli(capsys, "--eval-only", "--resume", save, "--data", str(tmp_path / "nope"))
+    assert code == 2 and "nope" in err  # a given --data still wins
+
+
+def test_log_counts_the_epochs_real_batches(capsys, corpus_dir, tmp_path):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
+                             "--epochs", "2", *SMALL, "--log-interval", "1")
+    assert code == 0, err
+    for epoch in (1, 2):
+        done = [(int(a), int(b)) for a, b in
+                re.findall(rf"\| epoch +{epoch} \| +(\d+)/ *(\d+) batches", out)]
+        assert [a for a, _ in done] == list(range(1, len(done) + 1))
+        assert {b for _, b in done} == {len(done)}  # the count logged is the one reached
+
+
+def test_continue_keeps_a_record_of_every_start(corpus_dir, tmp_path):
+    def cli(*argv):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
+                              capture_output=True, text=True, timeout=300)
+
+    first = cli("--data", corpus_dir, "--save", str(tmp_path / "m.pt"), "--epochs", "1", *SMALL)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "m.run"
+    args = (folder / "args.json").read_text()
+    env = (folder / "env.json").read_text()
+    for epochs in ("2", "3"):
+        cont = cli("--continue", str(tmp_path / "m.last.pt"), "--epochs", epochs)
+        assert cont.returncode == 0, cont.stderr
+    assert (folder / "args.json").read_text() == args and (folder / "env.json").read_text() == env
+    starts = [json.loads(line) for line in (folder / "continues.jsonl").read_text().splitlines()]
+    assert [s["args"]["epochs"] for s in starts] == [2, 3]
+    assert all(s["env"]["argv"][-2:] == ["--epochs", e] for s, e in zip(starts, ("2", "3")))
+
+
+def test_bad_flag_under_torchrun_is_printed_by_rank_0_only():
+    for rank, lines in (("0", 1), ("1", 0)):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--bptt", "x"],
+                                capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, RANK=rank, WORLD_SIZE="2"))
+        assert result.returncode == 2 and result.stderr.count("\n") == lines, rank
