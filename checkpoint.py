@@ -6,12 +6,13 @@ A checkpoint is a dict of state_dicts plus the config (docs/model.md, Checkpoint
     + optimizer, scaler, carry, rng, progress                   (the last checkpoint)
 """
 
+import argparse
 import os
 import pickle
 import re
+import sys
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from flags import InputError
 from model import SHARNN, attn_layers_in
-from runtime import gather_columns
+from runtime import agree, gather_columns
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
 LOG2 = 0.6931471805599453
@@ -30,7 +31,7 @@ DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000],
 # Model flags and the config keys they set.
 MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": "heads",
                "mem_len": "mem_len", "attn_layers": "attn_layers", "cutoffs": "cutoffs"}
-NOT_CARRIED = ("continue_from", "resume", "dry_run")  # flags --continue never takes over
+NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data")  # flags --continue never takes over
 
 
 # --- files -------------------------------------------------------------------------------
@@ -55,6 +56,9 @@ def atomic_save(obj, path):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -71,10 +75,20 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(path):
+    """Delete the temporary files an interrupted atomic_save of `path` left (kill -9 while
+    writing); called once the run holds its lock, so no other run is writing them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[A-Za-z0-9_]{8}\.tmp")
+    for name in os.listdir(folder):
+        if pattern.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+
+
 def convert_hint(path):
-    return (f"convert it once where the original code is importable: python -c \"import torch; "
-            f"m = torch.load('{path}', weights_only=False)[0]; "
-            f"torch.save(m.state_dict(), '{path}.state_dict.pt')\" and pass that file")
+    return (f"only if the file comes from a source you trust, convert it once with "
+            f"python checkpoint.py convert-pickle {path} --trust-this-file (unpickling runs any "
+            f"code the file holds) and pass the state_dict it writes")
 
 
 def first_line(e):
@@ -104,8 +118,9 @@ def load_checkpoint(path):
         detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
         raise InputError(f"checkpoint {path} is corrupt or not a torch checkpoint "
                          f"({detail[0] if detail else type(e).__name__})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise InputError(f"checkpoint {path} is truncated or corrupt: {first_line(e)}") from None
+    except Exception as e:  # weights_only runs no code: whatever else fails is a bad file
+        raise InputError(f"checkpoint {path} is truncated, corrupt or not a torch checkpoint: "
+                         f"{type(e).__name__}: {first_line(e)}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return dict(obj, kind="sha-rnn")
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -174,11 +189,19 @@ def flag_text(value):
 
 
 def build_model(config, args):
+    kwargs = dict(config, dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti,
+                  dropoute=args.dropoute, wdrop=args.wdrop)
     try:
-        return SHARNN(**config, dropout=args.dropout, dropouth=args.dropouth,
-                      dropouti=args.dropouti, dropoute=args.dropoute, wdrop=args.wdrop)
+        return SHARNN(**kwargs)
     except ValueError as e:
         raise InputError(str(e)) from None
+    except RuntimeError as e:  # the allocator's refusal
+        if "alloc" not in str(e):
+            raise
+        with torch.device("meta"):  # count without allocating
+            n = sum(p.numel() for p in SHARNN(**kwargs).parameters())
+        raise InputError(f"the model does not fit in memory: {n:,} parameters, "
+                         f"{4 * n / 2**30:,.1f} GiB of float32 weights alone") from None
 
 
 def model_from_checkpoint(ckpt, **kwargs):
@@ -228,6 +251,19 @@ def flags_from(start, args):
     if "data" in start.get("args", {}):
         saved["data"] = start["args"]["data"]
     return saved
+
+
+FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
+
+
+def check_continue_flags(args, saved):
+    """Flags whose change --continue cannot honour (the optimizer state, the random streams,
+    the carried state's batch, the vocabulary): an error instead of a silent no-op."""
+    for key in FIXED_ON_CONTINUE:
+        if key in saved and getattr(args, key) != saved[key]:
+            flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
+            raise InputError(f"{flag} cannot change on --continue (the run has "
+                             f"{saved[key]}); start a new run from its weights with --resume")
 
 
 def changed_flags(args, saved):
@@ -309,38 +345,115 @@ def restore_rng(rng, state, d):
 
 # --- writing -----------------------------------------------------------------------------
 
-def base_checkpoint(model, config, vocab, args, metrics):
-    return {"format": FORMAT, "version": 1, "model": model.state_dict(), "config": config,
-            "vocab": list(vocab), "metrics": metrics, "args": vars(args).copy()}
+def base_checkpoint(run, metrics):
+    return {"format": FORMAT, "version": 1, "model": run.model.state_dict(), "config": run.config,
+            "vocab": list(run.vocab), "metrics": metrics, "args": vars(run.args).copy(),
+            "corpus": run.fingerprint}
+
+
+def check_same_corpus(start, fingerprint, args):
+    """--continue on a corpus whose content changed is an error unless --allow-changed-data."""
+    saved = start.get("corpus")
+    changed = [f"{split}.txt" for split in fingerprint if saved and saved.get(split) != fingerprint[split]]
+    if changed and not args.allow_changed_data:
+        raise InputError(f"{', '.join(changed)} of {args.data} changed since the run started; "
+                         f"continuing would train on other data at the old position (pass "
+                         f"--allow-changed-data to do it anyway)")
+
+
+class WriteFailed(InputError):
+    """A checkpoint could not be written (a full disk, a vanished folder): one line, exit 2."""
+
+
+def write_collectively(run, make, path):
+    """Rank 0 writes make() to `path` atomically while the other ranks wait; every rank
+    learns whether it failed and raises WriteFailed alike (so none waits forever). Returns
+    False, writing nothing, when the weights are not finite."""
+    error = None
+    finite = True
+    if run.d.main:
+        finite = all_finite(run.model)
+        if finite:
+            try:
+                atomic_save(make(), path)
+            except OSError as e:
+                error = f"cannot write {path}: {e.strerror or e}; the files written before are intact"
+    failed, = agree(run.d, run.device, float(error is not None))
+    if failed:
+        raise WriteFailed(error or "rank 0 could not write a checkpoint")
+    return finite
 
 
 def save_best(run, progress, val_loss):
-    """The best-validation checkpoint (rank 0 writes, the others wait)."""
-    if run.d.main:
-        if all_finite(run.model):
-            atomic_save(base_checkpoint(run.model, run.config, run.vocab, run.args,
-                                        {"valid_loss": val_loss, "valid_bpc": val_loss / LOG2,
-                                         "epoch": progress.epoch + 1}), run.paths["save"])
-            run.log("Saving model (new best validation)")
-        else:
-            run.log("Not saving: the weights are not finite")
-    if run.d.world > 1:
-        dist.barrier()
+    """The best-validation checkpoint; True when written."""
+    written = write_collectively(run, lambda: base_checkpoint(
+        run, {"valid_loss": val_loss, "valid_bpc": val_loss / LOG2, "epoch": progress.epoch + 1}),
+        run.paths["save"])
+    run.log("Saving model (new best validation)" if written else
+            "Not saving: the weights are not finite")
+    return written
 
 
 def save_last(run, progress):
     """Everything needed to continue exactly: written at save intervals, epoch ends and exits."""
     carry = carried_state(progress, run.d)
     rng = rng_state(run.rng, run.d)
-    if run.d.main:
-        if not all_finite(run.model):
-            run.log("Not saving the last checkpoint: the weights are not finite")
-        else:
-            ckpt = base_checkpoint(run.model, run.config, run.vocab, run.args,
-                                   {"best_valid_loss": progress.best_val})
-            ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
-                        carry=carry, rng=rng,
-                        progress={k: getattr(progress, k) for k in Progress.SAVED})
-            atomic_save(ckpt, run.paths["last"])
-    if run.d.world > 1:
-        dist.barrier()
+
+    def make():
+        ckpt = base_checkpoint(run, {"best_valid_loss": progress.best_val})
+        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+                    carry=carry, rng=rng, progress={k: getattr(progress, k) for k in Progress.SAVED})
+        return ckpt
+
+    if not write_collectively(run, make, run.paths["last"]):
+        run.log("Not saving the last checkpoint: the weights are not finite")
+
+
+# --- command line: converting a pickled model file --------------------------------------
+
+def convert_pickle(path, out):
+    """Unpickle `path` (runs its code: only for trusted files), take the model (the first item
+    of the original's [model, criterion, optimizer] list) and write its state_dict to `out`."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path} does not exist")
+    if os.path.exists(out):
+        raise InputError(f"{out} exists; choose another --out")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"{path} needs the original code's classes: run this where that code is "
+                         f"importable (e.g. PYTHONPATH=path/to/original) ({first_line(e)})") from None
+    model = obj[0] if isinstance(obj, (list, tuple)) and obj else obj
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{path} holds no model (found {type(model).__name__})")
+    atomic_save(model.state_dict(), out)
+    print(f"wrote the state_dict of {path} to {out}; pass it to --resume")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    conv = commands.add_parser(
+        "convert-pickle", help="turn a pickled model file into a state_dict (trusted files only)",
+        description="Load a pickled [model, criterion, optimizer] file of the original code and "
+                    "write the model's state_dict, which main.py --resume loads safely. Loading a "
+                    "pickle runs any code the file holds: use this only on files from a source "
+                    "you trust, and say so with --trust-this-file.")
+    conv.add_argument("path", metavar="FILE")
+    conv.add_argument("--out", default=None, help="output path (default: FILE.state_dict.pt)")
+    conv.add_argument("--trust-this-file", action="store_true",
+                      help="confirm that FILE comes from a trusted source (required)")
+    args = parser.parse_args(argv)
+    try:
+        if not args.trust_this_file:
+            raise InputError("refusing to unpickle without --trust-this-file: loading a pickle "
+                             "runs any code the file holds")
+        convert_pickle(args.path, args.out or args.path + ".state_dict.pt")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

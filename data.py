@@ -12,6 +12,7 @@ OUTDIR`` does the same for any file of your own (byte level, split 90/5/5).
 
 import argparse
 import contextlib
+import hashlib
 import os
 import sys
 import tarfile
@@ -31,7 +32,7 @@ UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 WRITE_ORDER = ("valid", "test", "train")  # train.txt last: its presence marks a finished folder
 CACHE_NAME = "corpus.cache.pt"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 BYTE_TOKENS = frozenset(str(b) for b in range(256))
 NEWLINE = 10
 MAX_KEY_BYTES = 8  # longest token the fast tokenizer packs into one uint64 key
@@ -386,13 +387,19 @@ def _build(files, unk):
     return state
 
 
+def fingerprint(path):
+    """SHA-256 of a file's content (about 1 GB/s: a third of a second for enwik8's train)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _cache_key(files, unk):
-    """What the cache depends on: each file's absolute path, size and mtime, and --unk."""
-    stats = []
-    for split in SPLITS:
-        info = files[split].stat()
-        stats.append([str(files[split].resolve()), info.st_size, info.st_mtime_ns])
-    return {"version": CACHE_VERSION, "unk": bool(unk), "files": stats}
+    """What the cache depends on: the content of each split and --unk."""
+    return {"version": CACHE_VERSION, "unk": bool(unk),
+            "files": {split: fingerprint(files[split]) for split in SPLITS}}
 
 
 def _load_cache(path, key):
@@ -409,6 +416,10 @@ def _load_cache(path, key):
         return None
     if not all(isinstance(state.get(split), torch.Tensor) for split in SPLITS):
         return None
+    ntokens = len(state["idx2word"])
+    if any(len(state[split]) and not 0 <= int(state[split].min()) <= int(state[split].max()) < ntokens
+           for split in SPLITS):
+        return None  # ids outside the vocabulary: a damaged cache is rebuilt
     return state
 
 
@@ -437,6 +448,7 @@ class Corpus:
             state["key"] = key
             if cache:
                 _save_cache(cache_path, state)
+        self.fingerprint = key["files"]  # {split: SHA-256 of the file}
         self.dictionary = Dictionary(state["idx2word"])
         self.train, self.valid, self.test = (state[split].long() for split in SPLITS)
         self.byte_level = is_byte_vocabulary(self.dictionary.idx2word)

@@ -176,6 +176,9 @@ def build_parser():
                         "state_dict) with a fresh optimizer and warmup: the paper's second pass")
     g.add_argument("--continue", dest="continue_from", default="", metavar="PATH",
                    help="continue an interrupted run exactly from its last checkpoint")
+    g.add_argument("--allow-changed-data", action="store_true",
+                   help="--continue even though a split's content differs from the one the run "
+                        "started on (otherwise an error); given anew at each continue")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --resume on valid and test; train nothing, write nothing")
     g.add_argument("--dynamic-eval", action="store_true",
@@ -211,17 +214,29 @@ def parse_args(argv=None, saved=None):
 
 
 def check_args(args):
-    """Impossible flag combinations, as InputError (before anything is loaded)."""
+    """Impossible flag values and combinations, as InputError (before anything is loaded)."""
     if args.bptt < 5:
         raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
-    for flag in ("--batch_size", "--accumulate", "--log-interval", "--epochs", "--max-nonfinite"):
+    minimum = {"--batch_size": 1, "--accumulate": 1, "--log-interval": 1, "--max-nonfinite": 1,
+               "--warmup": 1, "--dyn-stat-batches": 1, "--epochs": 0, "--nonmono": 0,
+               "--cooldown": 0}
+    for flag, least in minimum.items():
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value < (0 if flag == "--epochs" else 1):
-            raise InputError(f"{flag} must be positive, got {value}")
-    if args.warmup < 1:
-        raise InputError(f"--warmup must be at least 1, got {args.warmup}")
-    if args.lr <= 0:
-        raise InputError(f"--lr must be positive, got {args.lr}")
+        if value is not None and value < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    positive = ("--lr", "--dyn-lr", "--dyn-eps")
+    not_negative = ("--wdecay", "--clip", "--dyn-decay")
+    for flag in positive + not_negative:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not math.isfinite(value) or value < 0 or (value == 0 and flag in positive):
+            kind = "a positive finite number" if flag in positive else "a finite number >= 0"
+            raise InputError(f"{flag} must be {kind}, got {value}")
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    for flag in ("--save", "--last", "--run-dir"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not value.strip():
+            raise InputError(f"{flag} is empty; give a file path")
     if args.eval_only and not args.resume:
         raise InputError("--eval-only needs --resume CHECKPOINT")
     if args.resume and args.continue_from:

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import outputs
 from data import Corpus, batchify, compact_dtype, get_batch
 from dyneval import detach, dynamic_evaluate
 from flags import (DRY_RUN, EVAL_BATCH_SIZE, MIN_TRUST, TEST_BATCH_SIZE, InputError, check_args,
@@ -193,6 +194,7 @@ class Run:
     rng: np.random.RandomState
     stop: Stop
     paths: dict
+    fingerprint: dict = None  # {split: SHA-256} of the corpus, kept in checkpoints
 
     def amp(self):
         return autocast(self.device, self.args.amp)
@@ -225,7 +227,9 @@ class NonFinite(RuntimeError):
 
 
 def train_epoch(run, progress):
-    """Train until the end of the epoch (True) or an agreed stop (False)."""
+    """Train until the end of the epoch (True) or a stop the ranks agreed on (False). Every
+    decision to stop or save is taken on values all ranks share, never on this process's
+    own signal flag, so no rank waits for another that went a different way."""
     args, d = run.args, run.d
     n = run.train_data.shape[0]
     nominal = n // args.bptt  # the original's batches per epoch, used in the lr schedule
@@ -234,10 +238,12 @@ def train_epoch(run, progress):
     batches = min(batches, limit) if limit else batches
     run.model.train()
     total_loss = torch.zeros((), device=run.device)
+    finite_batches = torch.zeros((), device=run.device)  # of those since the last log line
     streak = torch.zeros((), device=run.device)  # consecutive non-finite losses
     worst = torch.zeros((), device=run.device)   # longest streak since the last check
     logged_batches = logged_tokens = 0
     pending = None  # summed loss of the batches since the last optimizer step
+    stopping = False
     epoch_start = time.time() - progress.epoch_time
     log_start = last_save_time = time.time()
     last_save_step = progress.steps
@@ -262,6 +268,7 @@ def train_epoch(run, progress):
         logged_tokens += tokens
         finite = torch.isfinite(loss)  # no host synchronisation until the log interval
         total_loss += torch.where(finite, loss, 0.0)
+        finite_batches += finite
         streak = torch.where(finite, 0.0, streak + 1)
         worst = torch.maximum(worst, streak)
         if bar:
@@ -270,16 +277,20 @@ def train_epoch(run, progress):
         at_log = progress.batch % args.log_interval == 0
         if at_log:
             elapsed = time.time() - log_start
-            cur_loss = all_sum(total_loss.clone(), d).item() / (logged_batches * d.world)
+            loss_sum, finite_sum = all_sum(torch.stack([total_loss, finite_batches]), d).tolist()
+            nonfinite = logged_batches * d.world - int(finite_sum)
+            cur_loss = loss_sum / finite_sum if finite_sum else float("nan")  # finite ones
             ms = elapsed * 1000 / logged_batches
             run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
                     f"lr {lr:05.5f} | ms/batch {ms:5.2f} | loss {cur_loss:5.2f} | "
-                    f"ppl {safe_exp(cur_loss):8.2f} | bpc {cur_loss / LOG2:8.3f}")
+                    f"ppl {safe_exp(cur_loss):8.2f} | bpc {cur_loss / LOG2:8.3f}"
+                    + (f" | non-finite losses {nonfinite}" if nonfinite else ""))
             run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
                             batch=progress.batch, tokens=progress.tokens, lr=lr, loss=cur_loss,
-                            bpc=cur_loss / LOG2, ms_per_batch=ms,
+                            bpc=cur_loss / LOG2, nonfinite=nonfinite, ms_per_batch=ms,
                             tokens_per_s=logged_tokens / max(elapsed, 1e-9), time=time.time())
             total_loss.zero_()
+            finite_batches.zero_()
             logged_batches = logged_tokens = 0
             log_start = time.time()
         # After an optimizer step: stop, save and non-finite checks, decided by all ranks
@@ -306,7 +317,7 @@ def train_epoch(run, progress):
     if bar:
         bar.close()
     progress.epoch_time = time.time() - epoch_start
-    return not run.stop.reason
+    return not stopping
 
 
 def validate(run, progress):
@@ -329,8 +340,7 @@ def validate(run, progress):
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
                         epoch_time=progress.epoch_time, time=time.time())
-        if val_loss < progress.best_val:
-            ckpt.save_best(run, progress, val_loss)
+        if val_loss < progress.best_val and ckpt.save_best(run, progress, val_loss):
             progress.best_val = val_loss
     return val_loss
 
@@ -341,11 +351,9 @@ def end_of_epoch(run, progress, val_loss):
     epoch = progress.epoch + 1
     progress.val_history.append(val_loss)
     if epoch in args.when:
-        if run.d.main:
-            run.log("Saving model before learning rate decreased")
-            ckpt.atomic_save(ckpt.base_checkpoint(run.model, run.config, run.vocab, args,
-                                                  {"epoch": epoch}),
-                             f"{run.paths['save']}.e{epoch}")
+        run.log("Saving model before learning rate decreased")
+        ckpt.write_collectively(run, lambda: ckpt.base_checkpoint(run, {"epoch": epoch}),
+                                f"{run.paths['save']}.e{epoch}")
         run.log("Dividing learning rate by 10")
     history = progress.val_history
     if (progress.optimizer_name == "sgd" and len(history) > args.nonmono
@@ -365,13 +373,17 @@ def train(run, progress):
     epochs = DRY_RUN["epochs"] if run.args.dry_run else run.args.epochs
     while progress.epoch < epochs:
         if not train_epoch(run, progress):
-            return run.stop.reason
-        val_loss = validate(run, progress)
+            return run.stop.agreed
+        try:
+            val_loss = validate(run, progress)
+        except ckpt.WriteFailed:  # the best could not be written: keep the epoch if possible
+            ckpt.save_last(run, progress)
+            raise
         if val_loss is not None:
             end_of_epoch(run, progress, val_loss)
         ckpt.save_last(run, progress)
         if run.stop.agree(run.d, run.device):
-            return run.stop.reason
+            return run.stop.agreed
     return "done"
 
 
@@ -381,18 +393,24 @@ def report(run, kind, name, loss, source):
             f"{name} bpc {loss / LOG2:8.3f}" + run.dry_note(source))
 
 
-def test(run):
-    """Load the best checkpoint (if one was written) and report test loss/ppl/bpc."""
-    path = run.paths["save"]
-    if os.path.exists(path):
-        run.model.load_strict(ckpt.load_checkpoint(path)["model"])
+def test(run, progress):
+    """Load the best checkpoint this run wrote (if any) and report test loss/ppl/bpc. A
+    signal during the test (one process) stops it; the checkpoints are already written."""
+    if progress.best_val < float("inf"):
+        run.model.load_strict(ckpt.load_checkpoint(run.paths["save"])["model"])
     else:
-        run.log(f"No checkpoint at {path}; testing the current weights")
+        run.log("This run wrote no best checkpoint (no validation finished); testing the "
+                "weights it ends with")
+    run.stop.reason = None  # a Ctrl-C that ended training does not also stop the test
     bar = progress_bar(run, (run.test_data.shape[0] - 1) * TEST_BATCH_SIZE, "test")
     test_loss = evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt, run.amp(),
-                         run.d, max_batches=run.limit("eval"), bar=bar)
+                         run.d, max_batches=run.limit("eval"),
+                         stop=run.stop if run.d.world == 1 else None, bar=bar)
     if bar:
         bar.close()
+    if test_loss is None:
+        run.log("The test was stopped by a signal; the checkpoints are written")
+        return
     run.log("=" * 89)
     report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
@@ -434,18 +452,11 @@ def resolve_flags(argv):
         args = parse_args(argv, saved)
         check_args(args)
     if args.continue_from:
+        ckpt.check_continue_flags(args, saved)
         changed = ckpt.changed_flags(args, saved)
         if changed:
             print("note: continuing with changed flags: " + ", ".join(changed), file=sys.stderr)
     return args, start
-
-
-def paths_for(args, tmp):
-    save = os.path.join(tmp, "model.pt") if tmp else args.save
-    stem = os.path.splitext(save)[0]
-    last = os.path.join(tmp, "last.pt") if tmp else (args.last or stem + ".last.pt")
-    run_dir = os.path.join(tmp, "run") if tmp else (args.run_dir or stem + ".run")
-    return {"save": save, "last": last, "run_dir": run_dir}
 
 
 def model_for(args, start, corpus):
@@ -486,16 +497,27 @@ def device_data(corpus, args, d, device):
     return train, valid, test
 
 
-def setup(args, start, tmp):
+def claim_outputs(args, paths, tmp):
+    """Before anything is written: check every output path (a dry run checks the real ones
+    too), then lock --save and clear what an earlier crash left of its temporary files.
+    Returns the lock (None for a dry run)."""
+    outputs.check(paths, args)
+    if tmp:
+        outputs.check(outputs.plan(args, None), args)
+        return None
+    lock = outputs.RunLock(paths["save"])
+    for key in ("save", "last"):
+        ckpt.remove_stale_temporaries(paths[key])
+    args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them
+    return lock
+
+
+def setup(args, start, paths, stop):
     """Load data and weights, and build the Run and its Progress."""
     d, device = setup_distributed(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = paths_for(args, tmp)
     writes = not args.eval_only
-    if writes and d.main:  # a dry run checks the paths a real run would write
-        for path in (args.save, paths_for(args, None)["last"], paths["save"], paths["last"]):
-            ckpt.check_writable(path)
     if args.dynamic_eval and d.world > 1:
         raise InputError("--dynamic-eval runs in one process; launch it without torchrun")
     if args.batch_size % d.world:
@@ -504,6 +526,8 @@ def setup(args, start, tmp):
     rng = np.random.RandomState(args.seed)  # sequence lengths: the same on every rank
     torch.manual_seed(args.seed)
     corpus = Corpus(args.data, unk=args.unk, cache=writes)
+    if args.continue_from:
+        ckpt.check_same_corpus(start, corpus.fingerprint, args)
     model, config = model_for(args, start, corpus)
     model.to(device)
     model.set_checkpoint_activations(args.checkpoint_activations)
@@ -537,7 +561,8 @@ def setup(args, start, tmp):
             write_json(os.path.join(paths["run_dir"], "args.json"), flags)
             write_json(os.path.join(paths["run_dir"], "env.json"), env)
     run = Run(args, model, net, optimizer, scaler, config, corpus.dictionary.idx2word,
-              train_data, val_data, test_data, device, d, log, rng, Stop(), paths)
+              train_data, val_data, test_data, device, d, log, rng, stop, paths,
+              corpus.fingerprint)
     return run, progress
 
 
@@ -549,41 +574,51 @@ def execute(run, progress):
             f"{config['ntoken']} tokens, device {run.device}"
             + (f" x {run.d.world} ranks" if run.d.world > 1 else "")
             + f", amp {amp_mode(run.device, args.amp)}")
+    default_dir = os.path.splitext(args.save)[0] + ".run"
+    if not args.continue_from and not args.dry_run and run.paths["run_dir"] != default_dir:
+        run.log(f"Run records in {run.paths['run_dir']} ({default_dir} holds an earlier run)")
+    if run.stop.agree(run.d, run.device):
+        run.log("Stopped by a signal during start-up; nothing was trained")
+        return 0
     if args.eval_only:
         eval_only(run)
         return 0
-    with run.stop:
-        try:
-            ended = train(run, progress)
-        except NonFinite as e:
-            run.log(f"error: {e}")
-            ckpt.save_last(run, progress)
-            return 1
+    try:
+        ended = train(run, progress)
+    except NonFinite as e:
+        run.log(f"error: {e}")
+        ckpt.save_last(run, progress)
+        return 1
     if ended == "terminate":
         run.log(f"Stopped by SIGTERM; continue with --continue {run.paths['last']}")
         return 0
     if ended == "interrupt":
         run.log("-" * 89)
         run.log("Exiting from training early")
-    test(run)
+    test(run, progress)
     if ended == "interrupt":
         run.log(f"Stopped by Ctrl-C; continue with --continue {run.paths['last']}")
     return 0
 
 
 def main(argv=None):
-    tmp = None
+    tmp = lock = None
+    stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
-        args, start = resolve_flags(argv)
-        tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
-        run, progress = setup(args, start, tmp)
-        try:
-            code = execute(run, progress)
-        finally:
-            run.log.close()
-        if dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while another still talks to it
-        return code
+        with stop:
+            args, start = resolve_flags(argv)
+            tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
+            paths = outputs.plan(args, tmp)
+            if not args.eval_only and os.environ.get("RANK", "0") == "0":  # rank 0 writes
+                lock = claim_outputs(args, paths, tmp)
+            run, progress = setup(args, start, paths, stop)
+            try:
+                code = execute(run, progress)
+            finally:
+                run.log.close()
+            if dist.is_initialized():
+                dist.barrier()  # no rank tears the group down while another still talks to it
+            return code
     except InputError as e:
         if os.environ.get("RANK", "0") == "0":  # once under torchrun
             print(f"error: {e}", file=sys.stderr)
@@ -592,6 +627,8 @@ def main(argv=None):
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        if lock:
+            lock.release()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
         if dist.is_initialized():

@@ -120,12 +120,14 @@ class Stop:
     checkpoint, as the original did; a second Ctrl-C quits at once. SIGTERM (pre-emption):
     stop after the current step, write the last checkpoint, exit 0.
 
-    `reason` is what this process received; `agree` makes it the ranks' common decision."""
+    `reason` is what this process received; `agreed` is the ranks' common decision (the
+    highest reason of any rank), the only one the run acts on under torchrun."""
 
     REASONS = (None, "terminate", "interrupt")  # ranks agree on the highest
 
     def __init__(self):
         self.reason = None
+        self.agreed = None
         self._previous = {}
 
     def __enter__(self):
@@ -143,8 +145,8 @@ class Stop:
 
     def decide(self, code):
         """Take the ranks' agreed code (from `agree`); True when stopping."""
-        self.reason = self.REASONS[int(code)]
-        return self.reason is not None
+        self.agreed = self.REASONS[int(code)]
+        return self.agreed is not None
 
     def agree(self, d, device):
         """Agree with the other ranks on whether (and why) to stop; True when stopping."""

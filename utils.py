@@ -12,7 +12,7 @@ import torch
 
 def safe_exp(x):
     """exp() for printing perplexities: inf instead of OverflowError."""
-    return math.exp(x) if x < 700 else float("inf")
+    return float("inf") if x >= 700 else math.exp(x)  # nan stays nan
 
 
 # --- run records -------------------------------------------------------------------------

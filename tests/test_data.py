@@ -261,13 +261,28 @@ def test_cache_is_rebuilt_when_a_file_changes_size(tmp_path, monkeypatch):
     assert len(calls) == 1  # the rebuilt cache was written back
 
 
-def test_cache_is_rebuilt_when_only_the_mtime_changes(tmp_path, monkeypatch):
+def test_cache_follows_the_content_not_the_mtime(tmp_path, monkeypatch):
     folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
     data.Corpus(folder)
     calls = count_builds(monkeypatch)
     info = (folder / "test.txt").stat()
     os.utime(folder / "test.txt", ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
     data.Corpus(folder)
+    assert len(calls) == 0  # same bytes: the cache holds
+    (folder / "test.txt").write_text("a\n")  # same size, other bytes, mtime put back
+    os.utime(folder / "test.txt", ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert ids(data.Corpus(folder).test) == [0, 2]
+    assert len(calls) == 1
+
+
+def test_cache_with_an_id_outside_the_vocabulary_is_rebuilt(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    data.Corpus(folder)
+    state = torch.load(folder / data.CACHE_NAME, weights_only=True)
+    state["valid"][0] = 250  # no such token
+    torch.save(state, folder / data.CACHE_NAME)
+    calls = count_builds(monkeypatch)
+    assert ids(data.Corpus(folder).valid) == [0, 2]
     assert len(calls) == 1
 
 
