@@ -437,21 +437,31 @@ class Corpus:
     vocabulary (at the end, if train lacks it) and such tokens map to it. With ``cache``
     the processed corpus is kept in corpus.cache.pt beside the data."""
 
-    def __init__(self, path, unk=False, cache=True):
+    def __init__(self, path, unk=False, cache=True, write_later=False):
         folder = Path(path)
         files = _split_files(folder)
         key = _cache_key(files, unk)
         cache_path = folder / CACHE_NAME
         state = _load_cache(cache_path, key) if cache else None
+        self._unsaved = None
         if state is None:
             state = _build(files, unk)
             state["key"] = key
             if cache:
-                _save_cache(cache_path, state)
+                self._unsaved = (cache_path, state)
+                if not write_later:
+                    self.write_cache()
         self.fingerprint = key["files"]  # {split: SHA-256 of the file}
         self.dictionary = Dictionary(state["idx2word"])
         self.train, self.valid, self.test = (state[split].long() for split in SPLITS)
         self.byte_level = is_byte_vocabulary(self.dictionary.idx2word)
+
+    def write_cache(self):
+        """Write the cache built by this load (with ``write_later``, once the caller's checks
+        have passed, so that a refused run leaves nothing behind)."""
+        if self._unsaved:
+            _save_cache(*self._unsaved)
+            self._unsaved = None
 
 
 # --- batching (docs/model.md, Batching) ----------------------------------------------------

@@ -451,12 +451,13 @@ def resolve_flags(argv):
     if saved:
         args = parse_args(argv, saved)
         check_args(args)
+    notes = []  # logged once the run starts
     if args.continue_from:
         ckpt.check_continue_flags(args, saved)
         changed = ckpt.changed_flags(args, saved)
         if changed:
-            print("note: continuing with changed flags: " + ", ".join(changed), file=sys.stderr)
-    return args, start
+            notes.append("Continuing with changed flags: " + ", ".join(changed))
+    return args, start, notes
 
 
 def model_for(args, start, corpus):
@@ -525,7 +526,7 @@ def setup(args, start, paths, stop):
 
     rng = np.random.RandomState(args.seed)  # sequence lengths: the same on every rank
     torch.manual_seed(args.seed)
-    corpus = Corpus(args.data, unk=args.unk, cache=writes)
+    corpus = Corpus(args.data, unk=args.unk, cache=writes, write_later=True)
     if args.continue_from:
         ckpt.check_same_corpus(start, corpus.fingerprint, args)
     model, config = model_for(args, start, corpus)
@@ -550,6 +551,8 @@ def setup(args, start, paths, stop):
             scaler.load_state_dict(start["scaler"])
         ckpt.restore_rng(rng, start["rng"], d)
 
+    if d.main:
+        corpus.write_cache()  # every check has passed
     log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
                  append=bool(args.continue_from))
     if writes and d.main:  # the first start's flags and machine; each --continue adds a line
@@ -566,9 +569,11 @@ def setup(args, start, paths, stop):
     return run, progress
 
 
-def execute(run, progress):
+def execute(run, progress, notes):
     """Evaluate only, or train then test; returns the exit code."""
     args, config = run.args, run.config
+    for note in notes:
+        run.log(note)
     nparams = sum(p.numel() for p in run.model.parameters())
     run.log(f"Model: {nparams:,} parameters, attention in blocks {config['attn_layers']}, "
             f"{config['ntoken']} tokens, device {run.device}"
@@ -606,14 +611,14 @@ def main(argv=None):
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
-            args, start = resolve_flags(argv)
+            args, start, notes = resolve_flags(argv)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
             if not args.eval_only and os.environ.get("RANK", "0") == "0":  # rank 0 writes
                 lock = claim_outputs(args, paths, tmp)
             run, progress = setup(args, start, paths, stop)
             try:
-                code = execute(run, progress)
+                code = execute(run, progress, notes)
             finally:
                 run.log.close()
             if dist.is_initialized():

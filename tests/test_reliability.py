@@ -207,6 +207,22 @@ def bad_cases(corpus_dir, tmp_path, trained):
     readonly.chmod(0o500)
     if os.geteuid() == 0:  # root writes anywhere but in sysfs
         readonly = "/sys"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, this is not a checkpoint\n")
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(range(256)) * 7)
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    folder = tmp_path / "afolder"
+    folder.mkdir()
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "log.txt").write_text("another run\n")
+    (tmp_path / "rd").mkdir()
+    save = ["--save", str(tmp_path / "new.pt")]
+    last = ["--last", str(tmp_path / "new.last.pt")]
+    pickled = str(tmp_path / "model.pt")
+    torch.save([torch.nn.Linear(2, 2), None, None], pickled)
     return {
         "missing data folder": (["--data", str(tmp_path / "nope")], "nope"),
         "missing split file": (["--data", no_test], "test.txt"),
@@ -224,24 +240,68 @@ def bad_cases(corpus_dir, tmp_path, trained):
                                              "--emsize", "32"], "--emsize 32"),
         "unwritable save location": (["--data", corpus_dir, "--save",
                                       os.path.join(readonly, "m.pt")], "cannot write"),
+        "save is a split file": (["--data", corpus_dir, "--save",
+                                  os.path.join(corpus_dir, "train.txt")], "file of the corpus"),
+        "last is a split file": (["--data", corpus_dir, *save, "--last",
+                                  os.path.join(corpus_dir, "valid.txt")], "file of the corpus"),
+        "last is the save file": (["--data", corpus_dir, *save, "--last", save[1]], "same file"),
+        "save is a folder": (["--data", corpus_dir, "--save", str(folder)], "folder"),
+        "save is empty": (["--data", corpus_dir, "--save", ""], "--save"),
+        "run dir is a file": (["--data", corpus_dir, *save, "--run-dir", str(a_file)], "--run-dir"),
+        "run dir holds another run": (["--data", corpus_dir, *save, "--run-dir", str(records)],
+                                      "another run"),
+        "run dir file is the last": (["--data", corpus_dir, *save, "--run-dir", str(tmp_path / "rd"),
+                                      "--last", str(tmp_path / "rd" / "log.txt")], "same file"),
+        "resume a text file": (["--data", corpus_dir, *save, "--resume", str(text)], "not a torch"),
+        "resume random bytes": (["--data", corpus_dir, *save, "--resume", str(noise)], "not a torch"),
+        "resume a pickle": (["--data", corpus_dir, *save, "--resume", pickled], "trust"),
+        "lr nan": (["--data", corpus_dir, *save, "--lr", "nan"], "--lr"),
+        "lr inf": (["--data", corpus_dir, *save, "--lr", "inf"], "--lr"),
+        "negative wdecay": (["--data", corpus_dir, *save, "--wdecay", "-1"], "--wdecay"),
+        "negative seed": (["--data", corpus_dir, *save, "--seed", "-1"], "--seed"),
+        "seed beyond 32 bits": (["--data", corpus_dir, *save, "--seed", "8589934592"], "--seed"),
+        "negative clip": (["--data", corpus_dir, *save, "--clip", "-0.5"], "--clip"),
+        "negative cooldown": (["--data", corpus_dir, *save, "--cooldown", "-3"], "--cooldown"),
+        "negative nonmono": (["--data", corpus_dir, *save, "--nonmono", "-1"], "--nonmono"),
+        "no dynamic statistics": (["--data", corpus_dir, *save, "--dyn-stat-batches", "0"],
+                                  "--dyn-stat-batches"),
+        "zero threads": (["--data", corpus_dir, *save, "--threads", "0"], "--threads"),
+        "model beyond memory": (["--data", corpus_dir, *save, *last, "--emsize", "200000",
+                                 "--nhid", "200000"], "does not fit in memory"),
     }
 
 
 CASES = ["missing data folder", "missing split file", "empty split", "unseen token",
          "bptt below 5", "bptt larger than the data", "batch larger than the data",
          "unknown optimizer", "resume path missing", "truncated checkpoint", "corrupt checkpoint",
-         "vocabulary mismatch", "sizes contradict the checkpoint", "unwritable save location"]
+         "vocabulary mismatch", "sizes contradict the checkpoint", "unwritable save location",
+         "save is a split file", "last is a split file", "last is the save file",
+         "save is a folder", "save is empty", "run dir is a file", "run dir holds another run",
+         "run dir file is the last", "resume a text file", "resume random bytes",
+         "resume a pickle", "lr nan", "lr inf", "negative wdecay", "negative seed",
+         "seed beyond 32 bits", "negative clip", "negative cooldown", "negative nonmono",
+         "no dynamic statistics", "zero threads", "model beyond memory"]
+
+
+def checksums(*folders):
+    """{path: sha256} of every file under the folders."""
+    sums = {}
+    for folder in folders:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                sums[os.path.join(root, name)] = digest(os.path.join(root, name))
+    return sums
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(case, tmp_path, trained):
     corpus_dir, trained = trained
     argv, needle = bad_cases(corpus_dir, tmp_path, trained)[case]
-    before = digest(trained)
+    before = checksums(tmp_path, os.path.dirname(trained))
     flags = [f for f in SMALL]
     result = cli(*flags, "--save", trained, *argv) if "--save" not in argv else cli(*flags, *argv)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert needle in lines[0], lines[0]
-    assert digest(trained) == before
+    assert checksums(tmp_path, os.path.dirname(trained)) == before
