@@ -577,6 +577,7 @@ def execute(run, progress, notes):
     nparams = sum(p.numel() for p in run.model.parameters())
     run.log(f"Model: {nparams:,} parameters, attention in blocks {config['attn_layers']}, "
             f"{config['ntoken']} tokens, device {run.device}"
+            + (f", threads {torch.get_num_threads()}" if run.device.type == "cpu" else "")
             + (f" x {run.d.world} ranks" if run.d.world > 1 else "")
             + f", amp {amp_mode(run.device, args.amp)}")
     default_dir = os.path.splitext(args.save)[0] + ".run"

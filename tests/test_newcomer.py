@@ -88,16 +88,17 @@ def test_dry_run_checks_the_real_paths(capsys, corpus_dir, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err
 
 
-def test_threads_flag_sets_torch_threads_and_is_recorded(capsys, corpus_dir, tmp_path):
-    before = torch.get_num_threads()
-    try:
-        code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
-                               "--epochs", "1", *SMALL, "--threads", "2")
-        assert code == 0, err
-        env = json.loads((tmp_path / "m.run" / "env.json").read_text())
-        assert env["cpu_threads"] == 2
-    finally:
-        torch.set_num_threads(before)
+def test_threads_flag_sets_torch_threads_and_is_recorded(corpus_dir, tmp_path):
+    """torch would start 2 threads here (OMP_NUM_THREADS=2); --threads 1 wins and is recorded."""
+    for flags, expected in ((["--dry-run"], 2), (["--threads", "1", "--epochs", "1"], 1)):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--data", corpus_dir,
+                                 "--save", str(tmp_path / "m.pt"), *SMALL, *flags],
+                                capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert result.returncode == 0, result.stderr
+        assert f", threads {expected}" in result.stdout.splitlines()[0]
+    env = json.loads((tmp_path / "m.run" / "env.json").read_text())
+    assert env["cpu_threads"] == 1
     result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--threads", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--threads" in result.stderr
