@@ -155,6 +155,9 @@ def build_parser():
                    help="sgd: non-improving epochs before switching to averaged SGD")
     g.add_argument("--clip", type=float, default=PAPER["clip"], help="gradient norm clipping (0: off)")
     g.add_argument("--epochs", type=int, default=PAPER["epochs"], help="number of epochs")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="end training after this many optimizer steps (validating then, as at "
+                        "an epoch end), and end --cooldown there; None: run --epochs in full")
     g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
@@ -219,7 +222,7 @@ def check_args(args):
         raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
     minimum = {"--batch_size": 1, "--accumulate": 1, "--log-interval": 1, "--max-nonfinite": 1,
                "--warmup": 1, "--dyn-stat-batches": 1, "--epochs": 0, "--nonmono": 0,
-               "--cooldown": 0}
+               "--cooldown": 0, "--max-steps": 1}
     for flag, least in minimum.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < least:

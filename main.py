@@ -234,6 +234,9 @@ def train_epoch(run, progress):
     n = run.train_data.shape[0]
     nominal = n // args.bptt  # the original's batches per epoch, used in the lr schedule
     limit = run.limit("train")
+    last_batch = args.epochs * nominal  # where --cooldown ends: the last epoch, or --max-steps
+    if args.max_steps:
+        last_batch = min(last_batch, args.max_steps * args.accumulate)
     batches = progress.batch + batches_left(run.rng, progress.i, n, args.bptt)  # logged
     batches = min(batches, limit) if limit else batches
     run.model.train()
@@ -251,10 +254,11 @@ def train_epoch(run, progress):
     bar = progress_bar(run, (n - 1) * args.batch_size, f"epoch {progress.epoch + 1}")
     if bar:
         bar.update(progress.i * args.batch_size)
-    while progress.i < n - 2 and not (limit and progress.batch >= limit):
+    while (progress.i < n - 2 and not (limit and progress.batch >= limit)
+           and not (args.max_steps and progress.steps >= args.max_steps)):
         seq_len = sample_seq_len(run.rng, args.bptt)
         lr = lr_at(progress.epoch * nominal + progress.batch + 1, args.lr, args.warmup,
-                   progress.epoch, args.when, args.cooldown, args.epochs * nominal)
+                   progress.epoch, args.when, args.cooldown, last_batch)
         x, y = get_batch(run.train_data, progress.i, seq_len)  # [T, B_local] each
         step = progress.batch % args.accumulate == 0  # steps after batches 0, N, 2N, ...
         loss, progress.hidden, progress.mems, pending = train_step(
@@ -384,6 +388,8 @@ def train(run, progress):
         ckpt.save_last(run, progress)
         if run.stop.agree(run.d, run.device):
             return run.stop.agreed
+        if run.args.max_steps and progress.steps >= run.args.max_steps:
+            break
     return "done"
 
 

@@ -175,3 +175,24 @@ def test_dynamic_evaluation_equals_the_written_out_update_with_its_decay():
     # The decay term matters here: without it the scores differ.
     no_decay = reference_dynamic(model, train, source, 8, **dict(kwargs, decay=1e-12))
     assert not torch.allclose(no_decay, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_max_steps_ends_training_and_the_cooldown_there(capsys, tmp_path):
+    folder = write_corpus(tmp_path / "data", sentences(60, 1), sentences(10, 2), sentences(10, 3))
+    nominal = batchify(Corpus(folder, cache=False).train, BSZ).shape[0] // BPTT
+    steps = nominal + 10  # inside the second epoch
+    code, out, err = run_cli(capsys, "--data", folder, "--save", str(tmp_path / "m.pt"), *SMALL,
+                             "--epochs", "3", "--max-steps", str(steps), "--cooldown", "10",
+                             "--warmup", "5", "--lr", "1e-2", "--log-interval", "1")
+    assert code == 0, err
+    records = [json.loads(line) for line in open(tmp_path / "m.run" / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    assert train[-1]["epoch"] == 2
+    for r in train:  # warmup 5, then linear to 0 at batch `steps` of the run (nominal count)
+        n = (r["epoch"] - 1) * nominal + r["batch"]
+        assert r["lr"] == pytest.approx(1e-2 * min(n, 5) / 5 * min(1.0, max(0.0, (steps - n) / 10)))
+    assert [r["epoch"] for r in records if r["type"] == "valid"] == [1, 2]  # validated at the stop
+    assert "| End of training | test loss" in out
+    last = torch.load(str(tmp_path / "m.last.pt"), weights_only=True)
+    assert last["progress"]["steps"] == steps
