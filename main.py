@@ -239,6 +239,9 @@ def train_epoch(run, progress):
         last_batch = min(last_batch, args.max_steps * args.accumulate)
     batches = progress.batch + batches_left(run.rng, progress.i, n, args.bptt)  # logged
     batches = min(batches, limit) if limit else batches
+    if args.max_steps and progress.steps < args.max_steps:  # the batch of the last step
+        first = -(-progress.batch // args.accumulate) * args.accumulate
+        batches = min(batches, first + (args.max_steps - progress.steps - 1) * args.accumulate + 1)
     run.model.train()
     total_loss = torch.zeros((), device=run.device)
     finite_batches = torch.zeros((), device=run.device)  # of those since the last log line

@@ -4,6 +4,7 @@ and summed-loss gradient, and dynamic evaluation's update with its decay term.""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -189,6 +190,8 @@ def test_max_steps_ends_training_and_the_cooldown_there(capsys, tmp_path):
     train = [r for r in records if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     assert train[-1]["epoch"] == 2
+    second = re.findall(r"\| epoch +2 \| +\d+/ *(\d+) batches", out)
+    assert set(second) == {str(len(second))}  # the epoch's count ends at the last step
     for r in train:  # warmup 5, then linear to 0 at batch `steps` of the run (nominal count)
         n = (r["epoch"] - 1) * nominal + r["batch"]
         assert r["lr"] == pytest.approx(1e-2 * min(n, 5) / 5 * min(1.0, max(0.0, (steps - n) / 10)))
