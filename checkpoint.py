@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flags import InputError
+from flags import InputError, check_args, parse_args
 from model import SHARNN, attn_layers_in
 from runtime import agree, gather_columns
 
@@ -270,6 +270,51 @@ def changed_flags(args, saved):
     """'flag old -> new' for each flag of a continued run given anew with another value."""
     return [f"{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
             if hasattr(args, k) and getattr(args, k) != v]
+
+
+def resolve_flags(argv):
+    """The flags, then the checkpoint to start from; flags not given take the checkpoint's
+    values (all of them for --continue, the architecture and --data for --resume)."""
+    args = parse_args(argv)
+    check_args(args)
+    start = load_start(args)
+    saved = flags_from(start, args)
+    if saved:
+        args = parse_args(argv, saved)
+        check_args(args)
+    notes = []  # logged once the run starts
+    if args.continue_from:
+        check_continue_flags(args, saved)
+        changed = changed_flags(args, saved)
+        if changed:
+            notes.append("Continuing with changed flags: " + ", ".join(changed))
+    return args, start, notes
+
+
+def model_for(args, start, corpus):
+    """The model of the flags (which hold a start checkpoint's architecture unless given
+    anew) with the checkpoint's weights loaded; returns (model, config)."""
+    ntokens = len(corpus.dictionary)
+    if start is not None and start["kind"] == "sha-rnn":
+        if start["vocab"] != corpus.dictionary.idx2word:
+            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
+                             f"from that of {args.data} ({ntokens} tokens)")
+        config = model_config(args, ntokens, start["config"], corpus.byte_level)
+    else:
+        config = model_config(args, ntokens, byte_level=corpus.byte_level)
+    if start is not None and start["kind"] == "state_dict":
+        rows = start["model"]["encoder.weight"].shape[0]
+        if rows != ntokens:
+            raise InputError(f"the weights have {rows} tokens, the data {args.data} has {ntokens}")
+    model = build_model(config, args)
+    try:
+        if start is not None and start["kind"] == "state_dict":
+            model.load_original_state_dict(start["model"])
+        elif start is not None:
+            model.load_strict(start["model"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model, config
 
 
 # --- where a run stands ------------------------------------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from checkpoint import atomic_save
-from flags import InputError
+from flags import TEST_BATCH_SIZE, InputError, eval_batch_size
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -485,6 +485,23 @@ def get_batch(source, i, seq_len):
     x = source[i: i + seq_len].long()
     y = source[i + 1: i + 1 + seq_len].long()
     return x, y
+
+
+def split_columns(data, bsz, d, device):
+    """Batchify a split with the global batch size and keep this rank's columns on device."""
+    return batchify(data, bsz)[:, d.share(bsz)].contiguous().to(device)
+
+
+def device_data(corpus, args, d, device):
+    """The three splits batchified, this rank's columns, in a compact dtype on the device."""
+    dtype = compact_dtype(len(corpus.dictionary))
+    train = split_columns(corpus.train.to(dtype), args.batch_size, d, device)
+    valid = split_columns(corpus.valid.to(dtype), eval_batch_size(args), d, device)
+    test = split_columns(corpus.test.to(dtype), TEST_BATCH_SIZE, d, device)
+    if args.bptt >= train.shape[0] - 1:
+        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
+                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
+    return train, valid, test
 
 
 def decode_tokens(ids, idx2word, byte_level):

@@ -207,6 +207,11 @@ def build_parser():
     return p
 
 
+def eval_batch_size(args):
+    """Validation columns: min(EVAL_BATCH_SIZE, --batch_size)."""
+    return min(EVAL_BATCH_SIZE, args.batch_size)
+
+
 def parse_args(argv=None, saved=None):
     """The flags of `argv`; flags not given take the values of `saved` (a dict of flag
     destinations, e.g. the flags of a checkpoint) where it has them, else the defaults."""

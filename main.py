@@ -29,10 +29,9 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import outputs
-from data import Corpus, batchify, compact_dtype, get_batch
+from data import Corpus, device_data, get_batch
 from dyneval import detach, dynamic_evaluate
-from flags import (DRY_RUN, EVAL_BATCH_SIZE, MIN_TRUST, TEST_BATCH_SIZE, InputError, check_args,
-                   parse_args)
+from flags import DRY_RUN, MIN_TRUST, TEST_BATCH_SIZE, InputError, eval_batch_size
 from lamb import Lamb
 from runtime import (Dist, Stop, agree, all_sum, amp_mode, autocast, make_scaler, pick_device,
                      setup_distributed)
@@ -136,11 +135,6 @@ def train_step(run, x, y, hidden, mems, pending, lr, step):
 
 # --- evaluation --------------------------------------------------------------------------
 
-def split_columns(data, bsz, d, device):
-    """Batchify a split with the global batch size and keep this rank's columns on device."""
-    return batchify(data, bsz)[:, d.share(bsz)].contiguous().to(device)
-
-
 @torch.no_grad()
 def evaluate(model, source, bsz, bptt, amp_ctx, d, max_batches=None, stop=None, bar=None):
     """The sum over chunks of bptt of len(chunk) * mean loss(chunk), state carried from chunk
@@ -167,10 +161,6 @@ def evaluate(model, source, bsz, bptt, amp_ctx, d, max_batches=None, stop=None, 
     if stop and stop.reason:
         return None
     return all_sum(total, d).item() / (rows * bsz)
-
-
-def eval_batch_size(args):
-    return min(EVAL_BATCH_SIZE, args.batch_size)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -450,78 +440,6 @@ def eval_only(run):
 
 # --- setup -------------------------------------------------------------------------------
 
-def resolve_flags(argv):
-    """The flags, then the checkpoint to start from; flags not given take the checkpoint's
-    values (all of them for --continue, the architecture and --data for --resume)."""
-    args = parse_args(argv)
-    check_args(args)
-    start = ckpt.load_start(args)
-    saved = ckpt.flags_from(start, args)
-    if saved:
-        args = parse_args(argv, saved)
-        check_args(args)
-    notes = []  # logged once the run starts
-    if args.continue_from:
-        ckpt.check_continue_flags(args, saved)
-        changed = ckpt.changed_flags(args, saved)
-        if changed:
-            notes.append("Continuing with changed flags: " + ", ".join(changed))
-    return args, start, notes
-
-
-def model_for(args, start, corpus):
-    """The model of the flags (which hold a start checkpoint's architecture unless given
-    anew) with the checkpoint's weights loaded; returns (model, config)."""
-    ntokens = len(corpus.dictionary)
-    if start is not None and start["kind"] == "sha-rnn":
-        if start["vocab"] != corpus.dictionary.idx2word:
-            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
-                             f"from that of {args.data} ({ntokens} tokens)")
-        config = ckpt.model_config(args, ntokens, start["config"], corpus.byte_level)
-    else:
-        config = ckpt.model_config(args, ntokens, byte_level=corpus.byte_level)
-    if start is not None and start["kind"] == "state_dict":
-        rows = start["model"]["encoder.weight"].shape[0]
-        if rows != ntokens:
-            raise InputError(f"the weights have {rows} tokens, the data {args.data} has {ntokens}")
-    model = ckpt.build_model(config, args)
-    try:
-        if start is not None and start["kind"] == "state_dict":
-            model.load_original_state_dict(start["model"])
-        elif start is not None:
-            model.load_strict(start["model"])
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    return model, config
-
-
-def device_data(corpus, args, d, device):
-    """The three splits batchified, this rank's columns, in a compact dtype on the device."""
-    dtype = compact_dtype(len(corpus.dictionary))
-    train = split_columns(corpus.train.to(dtype), args.batch_size, d, device)
-    valid = split_columns(corpus.valid.to(dtype), eval_batch_size(args), d, device)
-    test = split_columns(corpus.test.to(dtype), TEST_BATCH_SIZE, d, device)
-    if args.bptt >= train.shape[0] - 1:
-        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
-                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
-    return train, valid, test
-
-
-def claim_outputs(args, paths, tmp):
-    """Before anything is written: check every output path (a dry run checks the real ones
-    too), then lock --save and clear what an earlier crash left of its temporary files.
-    Returns the lock (None for a dry run)."""
-    outputs.check(paths, args)
-    if tmp:
-        outputs.check(outputs.plan(args, None), args)
-        return None
-    lock = outputs.RunLock(paths["save"])
-    for key in ("save", "last"):
-        ckpt.remove_stale_temporaries(paths[key])
-    args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them
-    return lock
-
-
 def setup(args, start, paths, stop):
     """Load data and weights, and build the Run and its Progress."""
     d, device = setup_distributed(pick_device(args.device))
@@ -538,7 +456,7 @@ def setup(args, start, paths, stop):
     corpus = Corpus(args.data, unk=args.unk, cache=writes, write_later=True)
     if args.continue_from:
         ckpt.check_same_corpus(start, corpus.fingerprint, args)
-    model, config = model_for(args, start, corpus)
+    model, config = ckpt.model_for(args, start, corpus)
     model.to(device)
     model.set_checkpoint_activations(args.checkpoint_activations)
     if args.compile:
@@ -621,11 +539,11 @@ def main(argv=None):
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
-            args, start, notes = resolve_flags(argv)
+            args, start, notes = ckpt.resolve_flags(argv)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
             if not args.eval_only and os.environ.get("RANK", "0") == "0":  # rank 0 writes
-                lock = claim_outputs(args, paths, tmp)
+                lock = outputs.claim(args, paths, tmp)
             run, progress = setup(args, start, paths, stop)
             try:
                 code = execute(run, progress, notes)

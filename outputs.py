@@ -4,7 +4,7 @@ anything is written, and the lock that keeps two runs off the same files."""
 import fcntl
 import os
 
-from checkpoint import check_writable
+from checkpoint import check_writable, remove_stale_temporaries
 from data import CACHE_NAME, SPLITS
 from flags import InputError
 
@@ -94,3 +94,18 @@ class RunLock:
     def release(self):
         os.remove(self.path)
         os.close(self.fd)
+
+
+def claim(args, paths, tmp):
+    """Before anything is written: check every output path (a dry run checks the real ones
+    too), then lock --save and clear what an earlier crash left of its temporary files.
+    Returns the lock (None for a dry run)."""
+    check(paths, args)
+    if tmp:
+        check(plan(args, None), args)
+        return None
+    lock = RunLock(paths["save"])
+    for key in ("save", "last"):
+        remove_stale_temporaries(paths[key])
+    args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them
+    return lock

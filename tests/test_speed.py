@@ -6,7 +6,7 @@ import bench
 import main
 from runtime import Dist, make_scaler
 from conftest import perturb
-from data import batchify, compact_dtype, get_batch
+from data import batchify, compact_dtype, get_batch, split_columns
 from lamb import Lamb
 from model import SHARNN
 
@@ -35,7 +35,7 @@ def test_mask_is_built_once_and_sliced():
 
 def test_data_is_compact_on_the_device_and_batches_are_long():
     ids = torch.randint(0, 205, (1000,))
-    data = main.split_columns(ids.to(compact_dtype(205)), 4, Dist(), torch.device("cpu"))
+    data = split_columns(ids.to(compact_dtype(205)), 4, Dist(), torch.device("cpu"))
     assert data.dtype == torch.uint8 and data.is_contiguous()
     x, y = get_batch(data, 3, 10)
     assert x.dtype == y.dtype == torch.int64

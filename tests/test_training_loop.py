@@ -3,7 +3,6 @@ batch over two epochs (warmup across the epoch boundary, --when), --accumulate's
 and summed-loss gradient, and dynamic evaluation's update with its decay term."""
 
 import json
-import os
 import re
 
 import numpy as np

@@ -14,7 +14,7 @@ import torch
 
 import checkpoint
 import main
-from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
+from conftest import ROOT, SMALL, run_cli
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
