@@ -266,6 +266,7 @@ def bad_cases(corpus_dir, tmp_path, trained):
         "no dynamic statistics": (["--data", corpus_dir, *save, "--dyn-stat-batches", "0"],
                                   "--dyn-stat-batches"),
         "zero threads": (["--data", corpus_dir, *save, "--threads", "0"], "--threads"),
+        "zero max steps": (["--data", corpus_dir, *save, "--max-steps", "0"], "--max-steps"),
         "model beyond memory": (["--data", corpus_dir, *save, *last, "--emsize", "200000",
                                  "--nhid", "200000"], "does not fit in memory"),
     }
@@ -280,7 +281,7 @@ CASES = ["missing data folder", "missing split file", "empty split", "unseen tok
          "run dir file is the last", "resume a text file", "resume random bytes",
          "resume a pickle", "lr nan", "lr inf", "negative wdecay", "negative seed",
          "seed beyond 32 bits", "negative clip", "negative cooldown", "negative nonmono",
-         "no dynamic statistics", "zero threads", "model beyond memory"]
+         "no dynamic statistics", "zero threads", "zero max steps", "model beyond memory"]
 
 
 def checksums(*folders):
