@@ -246,7 +246,6 @@ def flags_from(start, args):
         return {"attn_layers": attn_layers_in(start["model"])}
     config = start["config"]
     saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
-    saved["emsize"] = config["ninp"]
     saved["adaptive_softmax"] = config["cutoffs"] is not None
     if "data" in start.get("args", {}):
         saved["data"] = start["args"]["data"]
@@ -412,21 +411,21 @@ class WriteFailed(InputError):
 
 def write_collectively(run, make, path):
     """Rank 0 writes make() to `path` atomically while the other ranks wait; every rank
-    learns whether it failed and raises WriteFailed alike (so none waits forever). Returns
-    False, writing nothing, when the weights are not finite."""
+    learns the outcome alike (so none waits forever or goes another way): WriteFailed when
+    the write failed, False when nothing was written because the weights are not finite."""
     error = None
-    finite = True
+    skipped = False
     if run.d.main:
-        finite = all_finite(run.model)
-        if finite:
+        skipped = not all_finite(run.model)
+        if not skipped:
             try:
                 atomic_save(make(), path)
             except OSError as e:
                 error = f"cannot write {path}: {e.strerror or e}; the files written before are intact"
-    failed, = agree(run.d, run.device, float(error is not None))
+    failed, skipped = agree(run.d, run.device, float(error is not None), float(skipped))
     if failed:
         raise WriteFailed(error or "rank 0 could not write a checkpoint")
-    return finite
+    return not skipped
 
 
 def save_best(run, progress, val_loss):
