@@ -20,18 +20,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-import main
-from checkpoint import model_config
-from flags import MIN_TRUST, PAPER, Parser, add_device_flags, add_model_flags
-from lamb import Lamb
-from model import LN_EPS, SHARNN, gelu, lstm_needs_float32
-from flags import InputError
+from checkpoint import build_model as build_sharnn, model_config
+from flags import PAPER, InputError, Parser, add_device_flags, add_model_flags
+from model import LN_EPS, gelu, lstm_needs_float32
 from runtime import amp_mode, autocast, make_scaler, pick_device
+from training import build_optimizer, make_step, place_model, train_step
 
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
@@ -39,24 +36,27 @@ LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 # --- flags -------------------------------------------------------------------------------
 
 def build_parser():
-    """The flags: main.py's model and step flags, plus the measurement's."""
+    """The flags: main.py's model and step flags, plus the measurement's; the defaults are
+    the paper's (flags.PAPER), and the optimizer is its LAMB."""
     p = Parser(description="Time the SHA-RNN training step (or evaluation with --eval) on "
-                                "synthetic tokens, at steady state with the attention memory "
-                                "full. Defaults are the paper's sizes.",
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           "synthetic tokens, at steady state with the attention memory "
+                           "full. Defaults are the paper's sizes.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model (as in main.py)")
     add_model_flags(g)
     g.add_argument("--ntoken", type=int, default=205,
                    help="vocabulary size (205 is enwik8's byte vocabulary)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout on the final output")
-    g.add_argument("--dropouth", type=float, default=0.1, help="dropout inside blocks")
-    g.add_argument("--dropouti", type=float, default=0.1, help="dropout on the embedding output")
+    g.add_argument("--dropout", type=float, default=PAPER["dropout"], help="dropout on the final output")
+    g.add_argument("--dropouth", type=float, default=PAPER["dropouth"], help="dropout inside blocks")
+    g.add_argument("--dropouti", type=float, default=PAPER["dropouti"],
+                   help="dropout on the embedding output")
     g.add_argument("--attention", choices=("sdpa", "matmul"), default="sdpa",
                    help="attention product: scaled_dot_product_attention (the model's default) "
                         "or the plain matmul-softmax-matmul reference")
     g = p.add_argument_group("step")
-    g.add_argument("--bptt", type=int, default=1024, help="sequence length of every step")
-    g.add_argument("--batch_size", "--batch-size", type=int, default=16, metavar="N", help="batch size")
+    g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length of every step")
+    g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"],
+                   metavar="N", help="batch size")
     add_device_flags(g)
     g = p.add_argument_group("measurement")
     g.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
@@ -69,8 +69,10 @@ def build_parser():
                    help="also time a bare functional implementation of the same step (eager, "
                         "no activation checkpointing) on the same weights and batches, "
                         "interleaved with the model's steps, and print the model's overhead")
-    g.add_argument("--seed", type=int, default=5512, help="seed for the weights and the tokens")
-    p.set_defaults(adaptive_softmax=False)  # the byte-level model: full softmax, tied decoder
+    g.add_argument("--seed", type=int, default=PAPER["seed"], help="seed for the weights and the tokens")
+    # The byte-level model (full softmax, tied decoder) and the paper's LAMB step.
+    p.set_defaults(adaptive_softmax=False, cutoffs=None,
+                   **{k: PAPER[k] for k in ("optimizer", "lr", "wdecay", "clip", "dropoute", "wdrop")})
     return p
 
 
@@ -85,47 +87,24 @@ def check_args(args):
 
 def build_model(args, device):
     """The SHA-RNN of the flags on `device`, with --compile and --checkpoint-activations."""
-    config = model_config(args, args.ntoken)
-    try:
-        model = SHARNN(**config, dropout=args.dropout, dropouth=args.dropouth,
-                       dropouti=args.dropouti, sdpa=args.attention == "sdpa")
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    model.to(device)
-    if args.checkpoint_activations:
-        model.set_checkpoint_activations(True)
-    if args.compile:
-        model.compile_blocks()
-    return model
-
-
-def build_optimizer(params):
-    """The paper's LAMB: min trust 0.25, weight decay and learning rate as main.py's defaults."""
-    return Lamb(params, lr=PAPER["lr"], weight_decay=PAPER["wdecay"],
-                min_trust=MIN_TRUST)
+    model = build_sharnn(model_config(args, args.ntoken), args, sdpa=args.attention == "sdpa")
+    return place_model(model, args, device)
 
 
 # --- the real step -----------------------------------------------------------------------
 
-def step_run(model, optimizer, scaler, device, amp, clip=PAPER["clip"]):
-    """What main.train_step needs of a run, for a bare model."""
-    return SimpleNamespace(model=model, net=model, optimizer=optimizer, scaler=scaler,
-                           params=[p for p in model.parameters() if p.requires_grad],
-                           args=SimpleNamespace(clip=clip), amp=lambda: autocast(device, amp))
-
-
-def model_train_step(model, optimizer, scaler, device, amp):
-    """A closure `step(x, y) -> loss` running main.train_step on the model, carrying the
-    LSTM states and memories from call to call."""
-    run = step_run(model, optimizer, scaler, device, amp)
+def model_train_step(step, lr):
+    """A closure `step(x, y) -> loss` running training.train_step (the step main.py runs)
+    with a Step at learning rate `lr`, carrying the LSTM states and memories from call to
+    call."""
     hidden = mems = None
 
-    def step(x, y):
+    def run(x, y):
         nonlocal hidden, mems
-        loss, hidden, mems, _ = main.train_step(run, x, y, hidden, mems, None, PAPER["lr"], True)
+        loss, hidden, mems, _, _ = train_step(step, x, y, hidden, mems, None, lr, True)
         return loss
 
-    return step
+    return run
 
 
 def model_eval_step(model, device, amp):
@@ -269,11 +248,10 @@ def floor_loss(P, output, y):
     return F.cross_entropy(logits.float(), y.reshape(-1))
 
 
-def floor_train_step(P, cfg, optimizer, scaler, device, amp):
+def floor_train_step(P, cfg, optimizer, scaler, device, amp, clip):
     """A closure `step(x, y) -> loss`: the floor's forward and loss, scaled backward,
     unscale, clip, LAMB step, zero_grad, carrying the detached state between calls."""
     params = list(P.values())
-    clip = PAPER["clip"]
     hidden = mems = None
 
     def step(x, y):
@@ -425,10 +403,10 @@ def report(args, times, device):
         floor = statistics.median(times["floor"])
         paired = statistics.median(m / f for m, f in zip(times["model"], times["floor"]))
         print(f"floor step min / median / max: {summary(times['floor'])}")
-        print(f"overhead from the medians: {100 * (median / floor - 1):+.1f}%; below, the "
-              f"median over steps of model step / the floor step next to it (robust to load)")
         print(f"floor: {1000 * floor:,.1f} ms/batch")
-        print(f"overhead: {100 * (paired - 1):+.1f}%")
+        print(f"overhead: {100 * (paired - 1):+.1f}% (the model's step time over the floor's, "
+              f"step by step: the median of their ratios, each model step against the floor "
+              f"step run beside it on the same batch, so that a change in machine load cancels)")
     tokens = args.bptt * args.batch_size / median
     print(f"{'eval' if args.eval else 'train'}: {1000 * median:,.1f} ms/batch, "
           f"{tokens:,.0f} tokens/s, peak {peak_memory_mb(device):,.0f} MB")
@@ -445,12 +423,11 @@ def step_functions(args, model, device):
             steps["floor"] = floor_eval_step(P, cfg, device, args.amp)
         return steps
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = {"model": model_train_step(model, build_optimizer(params),
-                                       make_scaler(device, args.amp), device, args.amp)}
+    steps = {"model": model_train_step(make_step(model, args, device), args.lr)}
     if args.floor:
-        steps["floor"] = floor_train_step(P, cfg, build_optimizer(list(P.values())),
-                                          make_scaler(device, args.amp), device, args.amp)
+        optimizer = build_optimizer(args.optimizer, list(P.values()), args.lr, args.wdecay)
+        steps["floor"] = floor_train_step(P, cfg, optimizer, make_scaler(device, args.amp),
+                                          device, args.amp, args.clip)
     return steps
 
 

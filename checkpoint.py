@@ -19,19 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flags import InputError, check_args, parse_args
-from model import SHARNN, attn_layers_in
+from flags import MODEL_FLAGS, InputError
+from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns
+from utils import LOG2, atomic_save
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
-LOG2 = 0.6931471805599453
 
 # Used when --adaptive-softmax is given without --cutoffs (AWD-LSTM's splits).
 DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000], 0: [2000, 10000]}
-# Model flags and the config keys they set.
-MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": "heads",
-               "mem_len": "mem_len", "attn_layers": "attn_layers", "cutoffs": "cutoffs"}
-NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data")  # flags --continue never takes over
 
 
 # --- files -------------------------------------------------------------------------------
@@ -48,41 +44,6 @@ def check_writable(path):
         raise InputError(f"cannot write {path}: {e.strerror}") from None
     if os.path.isdir(path):
         raise InputError(f"cannot write {path}: it is a folder")
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, flush + fsync, then rename over
-    `path`: a crash at any moment leaves either the old file or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def remove_stale_temporaries(path):
-    """Delete the temporary files an interrupted atomic_save of `path` left (kill -9 while
-    writing); called once the run holds its lock, so no other run is writing them."""
-    folder = os.path.dirname(os.path.abspath(path))
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[A-Za-z0-9_]{8}\.tmp")
-    for name in os.listdir(folder):
-        if pattern.fullmatch(name):
-            os.remove(os.path.join(folder, name))
 
 
 def convert_hint(path):
@@ -126,7 +87,7 @@ def load_checkpoint(path):
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if "encoder.weight" not in obj:
             raise InputError(f"{path} is a state_dict but not of a SHA-RNN (no encoder.weight)")
-        return {"kind": "state_dict", "model": obj}
+        return {"kind": "state_dict", "model": obj, "attn_layers": attn_layers_in(obj)}
     raise InputError(f"{path} is not a SHA-RNN checkpoint or state_dict")
 
 
@@ -136,15 +97,6 @@ def all_finite(module):
 
 
 # --- the model a checkpoint describes ---------------------------------------------------
-
-def attn_blocks(attn, nlayers):
-    """The block indices of an --attn-layers value for nlayers blocks."""
-    if attn == "all":
-        return list(range(nlayers))
-    if attn == "none":
-        return []
-    return [nlayers - 2] if attn is None else attn
-
 
 def default_cutoffs(ntokens):
     """AWD-LSTM's adaptive softmax splits for a vocabulary of this size."""
@@ -163,7 +115,7 @@ def model_config(args, ntokens, saved=None, byte_level=True):
         raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
                          "byte-level and keeps the plain softmax")
     config = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
-                  attn_layers=attn_blocks(args.attn_layers, args.nlayers), heads=args.heads,
+                  attn_layers=attention_blocks(args.attn_layers, args.nlayers), heads=args.heads,
                   mem_len=args.mem_len,
                   cutoffs=(args.cutoffs or default_cutoffs(ntokens)) if args.adaptive_softmax
                   else None)
@@ -188,9 +140,11 @@ def flag_text(value):
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
-def build_model(config, args):
+def build_model(config, args, **extra):
+    """The SHARNN of a config with the flags' dropouts (and `extra` keyword arguments);
+    a config the model refuses, or a model beyond memory, is an InputError."""
     kwargs = dict(config, dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti,
-                  dropoute=args.dropoute, wdrop=args.wdrop)
+                  dropoute=args.dropoute, wdrop=args.wdrop, **extra)
     try:
         return SHARNN(**kwargs)
     except ValueError as e:
@@ -230,64 +184,6 @@ def load_start(args):
     if args.resume:
         return load_checkpoint(args.resume)
     return None
-
-
-def flags_from(start, args):
-    """The flag values a start checkpoint supplies for flags not given on the command line:
-    all of them for --continue (the same run goes on), the architecture and the data folder
-    for --resume and --eval-only."""
-    if start is None:
-        return {}
-    if args.continue_from:
-        saved = {k: v for k, v in start["args"].items() if k not in NOT_CARRIED}
-        saved["save_interval"] = tuple(saved["save_interval"])
-        return saved
-    if start["kind"] == "state_dict":
-        return {"attn_layers": attn_layers_in(start["model"])}
-    config = start["config"]
-    saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
-    saved["adaptive_softmax"] = config["cutoffs"] is not None
-    if "data" in start.get("args", {}):
-        saved["data"] = start["args"]["data"]
-    return saved
-
-
-FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
-
-
-def check_continue_flags(args, saved):
-    """Flags whose change --continue cannot honour (the optimizer state, the random streams,
-    the carried state's batch, the vocabulary): an error instead of a silent no-op."""
-    for key in FIXED_ON_CONTINUE:
-        if key in saved and getattr(args, key) != saved[key]:
-            flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
-            raise InputError(f"{flag} cannot change on --continue (the run has "
-                             f"{saved[key]}); start a new run from its weights with --resume")
-
-
-def changed_flags(args, saved):
-    """'flag old -> new' for each flag of a continued run given anew with another value."""
-    return [f"{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
-            if hasattr(args, k) and getattr(args, k) != v]
-
-
-def resolve_flags(argv):
-    """The flags, then the checkpoint to start from; flags not given take the checkpoint's
-    values (all of them for --continue, the architecture and --data for --resume)."""
-    args = parse_args(argv)
-    check_args(args)
-    start = load_start(args)
-    saved = flags_from(start, args)
-    if saved:
-        args = parse_args(argv, saved)
-        check_args(args)
-    notes = []  # logged once the run starts
-    if args.continue_from:
-        check_continue_flags(args, saved)
-        changed = changed_flags(args, saved)
-        if changed:
-            notes.append("Continuing with changed flags: " + ", ".join(changed))
-    return args, start, notes
 
 
 def model_for(args, start, corpus):
@@ -336,6 +232,14 @@ class Progress:
     SAVED = ("epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
              "optimizer_name", "epoch_time")
 
+    def advance(self, rows, tokens, step):
+        """Count a batch of `rows` stream positions and `tokens` tokens (all ranks), and
+        its optimizer step if it took one."""
+        self.i += rows
+        self.batch += 1
+        self.steps += step
+        self.tokens += tokens
+
 
 def carried_state(progress, d):
     """The carried LSTM states and memories of the whole batch (gathered across ranks)."""
@@ -372,6 +276,15 @@ def rng_state(rng, d):
         dist.all_gather_object(per_rank, {"torch": state["torch"], "cuda": state["cuda"]})
         state["ranks"] = per_rank
     return state
+
+
+def restore_training(step, rng, start, d):
+    """--continue: the optimizer and loss scaler of the last checkpoint `start`, and its
+    random streams."""
+    step.optimizer.load_state_dict(start["optimizer"])
+    if start["scaler"]:
+        step.scaler.load_state_dict(start["scaler"])
+    restore_rng(rng, start["rng"], d)
 
 
 def restore_rng(rng, state, d):
@@ -445,7 +358,7 @@ def save_last(run, progress):
 
     def make():
         ckpt = base_checkpoint(run, {"best_valid_loss": progress.best_val})
-        ckpt.update(optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(),
+        ckpt.update(optimizer=run.step.optimizer.state_dict(), scaler=run.step.scaler.state_dict(),
                     carry=carry, rng=rng, progress={k: getattr(progress, k) for k in Progress.SAVED})
         return ckpt
 

@@ -4,13 +4,7 @@ just scored. docs/model.md, Evaluation, gives the update."""
 import torch
 
 from data import get_batch
-
-
-def detach(hidden, mems):
-    """The carried state cut from its graph."""
-    hidden = [None if h is None else tuple(x.detach() for x in h) for h in hidden]
-    mems = [None if m is None else m.detach() for m in mems]
-    return hidden, mems
+from training import detach
 
 
 def gradient_rms(model, params, train_data, bptt, amp_ctx, stat_batches):

@@ -24,6 +24,18 @@ OPTIMIZERS = ("lamb", "sgd", "adam", "adamw", "adagrad")
 DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2)  # what --dry-run runs
 
 
+# Model flags and the config keys they set (the checkpoint's config).
+MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": "heads",
+               "mem_len": "mem_len", "attn_layers": "attn_layers", "cutoffs": "cutoffs"}
+NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data")  # flags --continue never takes over
+
+
+def launched_rank():
+    """This process's torchrun rank, from its environment (0 when not under torchrun): read
+    before the process group exists, so that only rank 0 reports bad input."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class InputError(ValueError):
     """Bad user input (flags, files, checkpoints): reported as one line, exit code 2."""
 
@@ -33,8 +45,7 @@ class Parser(argparse.ArgumentParser):
     only rank 0 prints it, so the line appears once."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n" if os.environ.get("RANK", "0") == "0"
-                  else None)
+        self.exit(2, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)
 
 
 def attn_layers_flag(text):
@@ -147,8 +158,9 @@ def build_parser():
     g.add_argument("--warmup", type=int, default=PAPER["warmup"],
                    help="linear warmup over this many batches (counted over the whole run)")
     g.add_argument("--cooldown", type=int, default=None,
-                   help="decay the learning rate linearly to 0 over the last N nominal batches "
-                        "(epochs x batches per epoch); None: no cooldown")
+                   help="decay the learning rate linearly to 0 over the last N optimizer steps, "
+                        "reaching 0 at the run's last step (--max-steps, or the end of --epochs "
+                        "counted in real batches); None: no cooldown")
     g.add_argument("--when", type=int, nargs="+", default=[],
                    help="epochs after which the learning rate is divided by 10")
     g.add_argument("--nonmono", type=int, default=5,
@@ -251,3 +263,65 @@ def check_args(args):
         raise InputError("--resume (new run from weights) and --continue (same run) exclude each other")
     if args.cutoffs and not args.adaptive_softmax:
         raise InputError("--cutoffs needs --adaptive-softmax")
+
+
+# --- flags from the checkpoint a run starts from -----------------------------------------
+
+def flags_from(start, args):
+    """The flag values a start checkpoint supplies for flags not given on the command line:
+    all of them for --continue (the same run goes on), the architecture and the data folder
+    for --resume and --eval-only."""
+    if start is None:
+        return {}
+    if args.continue_from:
+        saved = {k: v for k, v in start["args"].items() if k not in NOT_CARRIED}
+        saved["save_interval"] = tuple(saved["save_interval"])
+        return saved
+    if start["kind"] == "state_dict":
+        return {"attn_layers": start["attn_layers"]}
+    config = start["config"]
+    saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
+    saved["adaptive_softmax"] = config["cutoffs"] is not None
+    if "data" in start.get("args", {}):
+        saved["data"] = start["args"]["data"]
+    return saved
+
+
+FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
+
+
+def check_continue_flags(args, saved):
+    """Flags whose change --continue cannot honour (the optimizer state, the random streams,
+    the carried state's batch, the vocabulary): an error instead of a silent no-op."""
+    for key in FIXED_ON_CONTINUE:
+        if key in saved and getattr(args, key) != saved[key]:
+            flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
+            raise InputError(f"{flag} cannot change on --continue (the run has "
+                             f"{saved[key]}); start a new run from its weights with --resume")
+
+
+def changed_flags(args, saved):
+    """'flag old -> new' for each flag of a continued run given anew with another value."""
+    return [f"{k} {v} -> {getattr(args, k)}" for k, v in saved.items()
+            if hasattr(args, k) and getattr(args, k) != v]
+
+
+def resolve_flags(argv, load_start):
+    """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
+    flags not given take the checkpoint's values (all of them for --continue, the
+    architecture and --data for --resume). Returns (args, start checkpoint or None, notes
+    to log once the run starts)."""
+    args = parse_args(argv)
+    check_args(args)
+    start = load_start(args)
+    saved = flags_from(start, args)
+    if saved:
+        args = parse_args(argv, saved)
+        check_args(args)
+    notes = []  # logged once the run starts
+    if args.continue_from:
+        check_continue_flags(args, saved)
+        changed = changed_flags(args, saved)
+        if changed:
+            notes.append("Continuing with changed flags: " + ", ".join(changed))
+    return args, start, notes

@@ -20,13 +20,13 @@ import sys
 
 import torch
 
-from data import EOS, UNK, decode_tokens, is_byte_vocabulary
+from data import decode_tokens, is_byte_vocabulary
 from checkpoint import load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser, add_threads_flag
 from runtime import autocast, pick_device
+from tokens import EOS, NEWLINE, UNK
 
 PRIME_CHUNK = 1024  # most prime positions run through the model at once
-NEWLINE = 10
 
 
 # --- flags -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the language-modelling corpora and prepare them under data/ with data.py.
+# Download the language-modelling corpora and prepare them under data/ with prepare.py.
 #
 #   ./getdata.sh [enwik8|text8|wikitext-2|wikitext-103|ptb|all]     (default: all)
 #
@@ -45,7 +45,7 @@ download() {
 }
 
 # get NAME URL ARCHIVE OUTDIR: download data/ARCHIVE and prepare data/OUTDIR from it with
-# `data.py prepare NAME`, unless data/OUTDIR/train.txt exists (data.py writes it last).
+# `prepare.py NAME`, unless data/OUTDIR/train.txt exists (prepare.py writes it last).
 get() {
     local name="$1" url="$2" archive="data/$3" outdir="data/$4"
     if [[ -f "$outdir/train.txt" ]]; then
@@ -54,7 +54,7 @@ get() {
     fi
     download "$url" "$archive"
     echo "preparing $outdir"
-    "$PYTHON" data.py prepare "$name" "$archive" "$outdir"
+    "$PYTHON" prepare.py "$name" "$archive" "$outdir"
 }
 
 get_enwik8() {

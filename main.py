@@ -7,13 +7,12 @@ resumes from its weights with half the learning rate:
     python -u main.py --data data/enwik8/ --save ENWIK8.pt --resume ENWIK8.pt --lr 1e-3 \\
         --epochs 5 --seed 125
 
-The story, top to bottom: the learning rate and sequence lengths, one training step,
-evaluation, an epoch, the run, then main(). docs/model.md describes what each part computes.
+The story, top to bottom: an epoch of training steps, validation, the run's epochs, the
+test, then setup and main(). The step, the learning rate and evaluation are in
+training.py; docs/model.md describes what each part computes.
 Also runs under `torchrun --nproc_per_node=N main.py ...` (DistributedDataParallel).
 """
 
-import contextlib
-import math
 import os
 import shutil
 import sys
@@ -29,302 +28,186 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import outputs
-from data import Corpus, device_data, get_batch
-from dyneval import detach, dynamic_evaluate
-from flags import DRY_RUN, MIN_TRUST, TEST_BATCH_SIZE, InputError, eval_batch_size
-from lamb import Lamb
-from runtime import (Dist, Stop, agree, all_sum, amp_mode, autocast, make_scaler, pick_device,
-                     setup_distributed)
-from utils import RunLog, append_json_line, environment, safe_exp, write_json
-
-LOG2 = math.log(2)
-
-
-# --- the learning rate and the sequence length ------------------------------------------
-
-def lr_at(batch, base_lr, warmup, epoch=0, when=(), cooldown=None, total_batches=None):
-    """Learning rate for global batch number `batch` (1-based, counted over the whole run
-    as epoch * nominal batches per epoch + batch in epoch + 1, as the original counts)
-    in 0-based `epoch`: linear warmup over `warmup` batches, divided by 10 after each epoch
-    in `when` (1-based, as printed), and an optional linear cooldown to 0 over the last
-    `cooldown` of `total_batches`."""
-    lr = base_lr * min(batch, warmup) / warmup
-    lr *= 0.1 ** sum(1 for w in when if w <= epoch)
-    if cooldown:
-        lr *= min(1.0, max(0.0, (total_batches - batch) / cooldown))
-    return lr
-
-
-def sample_seq_len(rng, bptt):
-    """The original's random sequence length: bptt (p = 0.95) or bptt / 2, plus N(0, 5),
-    clamped to [5, bptt]. `rng` is a numpy RandomState (the original's global stream)."""
-    base = bptt if rng.random_sample() < 0.95 else bptt / 2.0
-    return min(max(5, int(rng.normal(base, 5))), bptt)
-
-
-def batches_left(rng, i, rows, bptt):
-    """How many batches the epoch still takes from stream position `i`: the sequence
-    lengths drawn from a copy of `rng`, so the real stream is untouched."""
-    twin = np.random.RandomState()
-    twin.set_state(rng.get_state())
-    n = 0
-    while i < rows - 2:
-        i += min(sample_seq_len(twin, bptt), rows - 1 - i)
-        n += 1
-    return n
-
-
-# --- the optimizer -----------------------------------------------------------------------
-
-def build_optimizer(name, params, args):
-    if name == "lamb":
-        return Lamb(params, lr=args.lr, weight_decay=args.wdecay, min_trust=MIN_TRUST)
-    if name == "asgd":
-        return torch.optim.ASGD(params, lr=args.lr, t0=0, lambd=0.0, weight_decay=args.wdecay)
-    cls = dict(sgd=torch.optim.SGD, adam=torch.optim.Adam, adamw=torch.optim.AdamW,
-               adagrad=torch.optim.Adagrad)[name]
-    return cls(params, lr=args.lr, weight_decay=args.wdecay)
-
-
-@contextlib.contextmanager
-def averaged_weights(model, optimizer):
-    """Averaged SGD: evaluate (and save) with the averaged parameters, then swap back."""
-    if not isinstance(optimizer, torch.optim.ASGD):
-        yield
-        return
-    saved = {}
-    with torch.no_grad():
-        for p in model.parameters():
-            if "ax" in optimizer.state[p]:
-                saved[p] = p.detach().clone()
-                p.copy_(optimizer.state[p]["ax"])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, value in saved.items():
-                p.copy_(value)
-
-
-# --- one training step -------------------------------------------------------------------
-
-def train_step(run, x, y, hidden, mems, pending, lr, step):
-    """Forward one batch [T, B] with the carried state and add its mean loss to `pending`,
-    the loss of the batches since the last optimizer step. When `step`: backward that sum
-    once (gradients flow through the state carried between those batches), then unscale,
-    clip, step, update the loss scale and zero the gradients; a step whose gradients hold
-    an inf or nan is skipped by the scaler. Returns (this batch's loss, hidden, mems,
-    pending), the state detached after a step."""
-    with run.amp():
-        output, hidden, mems = run.net(x, hidden, mems)  # output: [T, B, E]
-        loss = run.model.loss(output, y).mean()           # float32 under autocast too
-    pending = loss if pending is None else pending + loss
-    if not step:
-        return loss.detach(), hidden, mems, pending
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.scaler.scale(pending).backward()
-    run.scaler.unscale_(run.optimizer)  # true gradients, so that clipping sees true norms
-    if run.args.clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.params, run.args.clip)
-    run.scaler.step(run.optimizer)      # skipped on inf/nan gradients
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    return (loss.detach(), *detach(hidden, mems), None)
-
-
-# --- evaluation --------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model, source, bsz, bptt, amp_ctx, d, max_batches=None, stop=None, bar=None):
-    """The sum over chunks of bptt of len(chunk) * mean loss(chunk), state carried from chunk
-    to chunk, divided by the split's (batchified) length: docs/model.md, Evaluation. `bsz`
-    is the global batch size: ranks hold shares of its columns and their sums are added.
-    Cut short by `max_batches`, the sum is divided by the rows scored instead: the mean
-    loss of what was evaluated. Returns None if stopped by a signal."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=source.device)
-    hidden = mems = None
-    rows = source.shape[0]
-    for n, i in enumerate(range(0, source.shape[0] - 1, bptt)):
-        if max_batches is not None and n >= max_batches:
-            rows = i  # the rows scored so far
-            break
-        if stop and stop.reason:
-            break
-        x, y = get_batch(source, i, bptt)
-        with amp_ctx:
-            output, hidden, mems = model(x, hidden, mems)
-            total += model.loss(output, y).sum(dtype=torch.float64)
-        if bar:
-            bar.update(x.numel() * d.world)
-    if stop and stop.reason:
-        return None
-    return all_sum(total, d).item() / (rows * bsz)
+from data import Corpus, batchify, get_batch
+from dyneval import dynamic_evaluate
+from flags import (DRY_RUN, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
+                   resolve_flags)
+from runtime import Dist, Stop, agree, amp_mode, pick_device, setup_distributed
+from tokens import compact_dtype
+from training import (Meter, Step, averaged_weights, build_optimizer, evaluate, lr_at,
+                      make_step, place_model, plan_run, sample_seq_len, train_step)
+from utils import LOG2, RunLog, append_json_line, environment, safe_exp, write_json
 
 
 # --- the run -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of the work a run does, decided once at setup: everything, or a --dry-run's
+    few batches (None: no limit)."""
+    epochs: int
+    train_batches: int = None
+    eval_batches: int = None
+
+    @classmethod
+    def of(cls, args):
+        if args.dry_run:
+            return cls(DRY_RUN["epochs"], DRY_RUN["train_batches"], DRY_RUN["eval_batches"])
+        return cls(args.epochs)
+
+    def note(self, source, bptt):
+        """What an evaluation of `source` covered when it was cut short, to mark its numbers."""
+        if self.eval_batches is None:
+            return ""
+        chunks = len(range(0, source.shape[0] - 1, bptt))
+        return f" | dry run: {min(chunks, self.eval_batches)} of {chunks} chunks"
+
 
 @dataclass
 class Run:
     """Everything a training run works with (built once in setup)."""
     args: object
-    model: torch.nn.Module
-    net: torch.nn.Module  # the model, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    step: Step      # model, optimizer, loss scaler: what train_step works with
     config: dict
     vocab: list
     train_data: torch.Tensor  # [N, B_local] ids, this rank's columns
     val_data: torch.Tensor
     test_data: torch.Tensor
-    device: torch.device
     d: Dist
     log: RunLog
-    rng: np.random.RandomState
+    rng: np.random.RandomState  # the sequence lengths, the same on every rank
     stop: Stop
-    paths: dict
-    fingerprint: dict = None  # {split: SHA-256} of the corpus, kept in checkpoints
-
-    def amp(self):
-        return autocast(self.device, self.args.amp)
+    paths: dict     # save, last, run_dir
+    limits: Limits
+    fingerprint: dict  # {split: SHA-256} of the corpus, kept in checkpoints
 
     @property
-    def params(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def model(self):
+        return self.step.model
 
-    def limit(self, kind):
-        """--dry-run's cap on training or evaluation batches ('train' or 'eval'), else None."""
-        return DRY_RUN[f"{kind}_batches"] if self.args.dry_run else None
+    @property
+    def device(self):
+        return self.step.device
 
-    def dry_note(self, source):
-        """What a --dry-run evaluation of `source` covered, to mark its numbers; else ''."""
-        if not self.args.dry_run:
-            return ""
-        chunks = len(range(0, source.shape[0] - 1, self.args.bptt))
-        return f" | dry run: {min(chunks, self.limit('eval'))} of {chunks} chunks"
+    @property
+    def local_stop(self):
+        """This process's signal flag, for loops that can stop on their own (one process)."""
+        return self.stop if self.d.world == 1 else None
+
+    def plan(self, progress):
+        return plan_run(self.rng, progress.epoch, progress.i, progress.batch, progress.steps,
+                        self.train_data.shape[0], self.args.bptt, self.limits.epochs,
+                        self.args.accumulate, self.args.max_steps, self.limits.train_batches)
+
+    def lr(self, progress, last_step):
+        """The learning rate of the next batch (training.lr_at)."""
+        nominal = self.train_data.shape[0] // self.args.bptt  # the original's batches per epoch
+        return lr_at(progress.epoch * nominal + progress.batch + 1, progress.steps + 1,
+                     self.args.lr, self.args.warmup, progress.epoch, self.args.when,
+                     self.args.cooldown, last_step)
 
 
-def progress_bar(run, total, desc):
+def progress_bar(run, total, desc, done=0):
     if run.args.no_progress or not run.d.main or not sys.stderr.isatty():
         return None
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False,
-                dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, desc=desc, unit="tok", unit_scale=True, leave=False,
+               dynamic_ncols=True, file=sys.stderr)
+    bar.update(done)
+    return bar
 
 
 class NonFinite(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+class SaveTimer:
+    """--save-interval: N optimizer steps, or N minutes, since the last checkpoint."""
+
+    def __init__(self, interval, steps):
+        self.interval, self.unit = interval
+        self.restart(steps)
+
+    def restart(self, steps):
+        self.time, self.steps = time.time(), steps
+
+    def due(self, steps):
+        if self.unit == "min":
+            return time.time() - self.time >= 60 * self.interval
+        return steps - self.steps >= self.interval
+
+
+# --- an epoch ----------------------------------------------------------------------------
+
 def train_epoch(run, progress):
-    """Train until the end of the epoch (True) or a stop the ranks agreed on (False). Every
-    decision to stop or save is taken on values all ranks share, never on this process's
-    own signal flag, so no rank waits for another that went a different way."""
-    args, d = run.args, run.d
-    n = run.train_data.shape[0]
-    nominal = n // args.bptt  # the original's batches per epoch, used in the lr schedule
-    limit = run.limit("train")
-    last_batch = args.epochs * nominal  # where --cooldown ends: the last epoch, or --max-steps
-    if args.max_steps:
-        last_batch = min(last_batch, args.max_steps * args.accumulate)
-    batches = progress.batch + batches_left(run.rng, progress.i, n, args.bptt)  # logged
-    batches = min(batches, limit) if limit else batches
-    if args.max_steps and progress.steps < args.max_steps:  # the batch of the last step
-        first = -(-progress.batch // args.accumulate) * args.accumulate
-        batches = min(batches, first + (args.max_steps - progress.steps - 1) * args.accumulate + 1)
+    """Train to the end of the epoch (True) or to a stop the ranks agreed on (False)."""
+    args = run.args
+    plan = run.plan(progress)  # where the epoch ends, and the run's last optimizer step
+    meter, saves = Meter(run.device), SaveTimer(args.save_interval, progress.steps)
+    bar = progress_bar(run, (run.train_data.shape[0] - 1) * args.batch_size,
+                       f"epoch {progress.epoch + 1}", progress.i * args.batch_size)
     run.model.train()
-    total_loss = torch.zeros((), device=run.device)
-    finite_batches = torch.zeros((), device=run.device)  # of those since the last log line
-    streak = torch.zeros((), device=run.device)  # consecutive non-finite losses
-    worst = torch.zeros((), device=run.device)   # longest streak since the last check
-    logged_batches = logged_tokens = 0
+    started = time.time() - progress.epoch_time
     pending = None  # summed loss of the batches since the last optimizer step
     stopping = False
-    epoch_start = time.time() - progress.epoch_time
-    log_start = last_save_time = time.time()
-    last_save_step = progress.steps
-    interval, unit = args.save_interval
-    bar = progress_bar(run, (n - 1) * args.batch_size, f"epoch {progress.epoch + 1}")
-    if bar:
-        bar.update(progress.i * args.batch_size)
-    while (progress.i < n - 2 and not (limit and progress.batch >= limit)
-           and not (args.max_steps and progress.steps >= args.max_steps)):
+    while progress.batch < plan.epoch_batches and not stopping:
         seq_len = sample_seq_len(run.rng, args.bptt)
-        lr = lr_at(progress.epoch * nominal + progress.batch + 1, args.lr, args.warmup,
-                   progress.epoch, args.when, args.cooldown, last_batch)
+        lr = run.lr(progress, plan.last_step)
         x, y = get_batch(run.train_data, progress.i, seq_len)  # [T, B_local] each
-        step = progress.batch % args.accumulate == 0  # steps after batches 0, N, 2N, ...
-        loss, progress.hidden, progress.mems, pending = train_step(
-            run, x, y, progress.hidden, progress.mems, pending, lr, step)
+        update = progress.batch % args.accumulate == 0  # steps after batches 0, N, 2N, ...
+        loss, progress.hidden, progress.mems, pending, norm = train_step(
+            run.step, x, y, progress.hidden, progress.mems, pending, lr, update)
         tokens = x.shape[0] * args.batch_size
-        progress.i += x.shape[0]
-        progress.batch += 1
-        progress.steps += step
-        progress.tokens += tokens
-        logged_batches += 1
-        logged_tokens += tokens
-        finite = torch.isfinite(loss)  # no host synchronisation until the log interval
-        total_loss += torch.where(finite, loss, 0.0)
-        finite_batches += finite
-        streak = torch.where(finite, 0.0, streak + 1)
-        worst = torch.maximum(worst, streak)
+        progress.advance(x.shape[0], tokens, update)
+        progress.epoch_time = time.time() - started
+        meter.add(loss, tokens, norm)
         if bar:
             bar.update(tokens)
-
         at_log = progress.batch % args.log_interval == 0
         if at_log:
-            elapsed = time.time() - log_start
-            loss_sum, finite_sum = all_sum(torch.stack([total_loss, finite_batches]), d).tolist()
-            nonfinite = logged_batches * d.world - int(finite_sum)
-            cur_loss = loss_sum / finite_sum if finite_sum else float("nan")  # finite ones
-            ms = elapsed * 1000 / logged_batches
-            run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
-                    f"lr {lr:05.5f} | ms/batch {ms:5.2f} | loss {cur_loss:5.2f} | "
-                    f"ppl {safe_exp(cur_loss):8.2f} | bpc {cur_loss / LOG2:8.3f}"
-                    + (f" | non-finite losses {nonfinite}" if nonfinite else ""))
-            run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
-                            batch=progress.batch, tokens=progress.tokens, lr=lr, loss=cur_loss,
-                            bpc=cur_loss / LOG2, nonfinite=nonfinite, ms_per_batch=ms,
-                            tokens_per_s=logged_tokens / max(elapsed, 1e-9), time=time.time())
-            total_loss.zero_()
-            finite_batches.zero_()
-            logged_batches = logged_tokens = 0
-            log_start = time.time()
-        # After an optimizer step: stop, save and non-finite checks, decided by all ranks
-        # together (under torchrun only at log intervals, to keep the step free of syncs).
-        if not step or (d.world > 1 and not at_log):
-            continue
-        save_due = (time.time() - last_save_time >= 60 * interval if unit == "min"
-                    else progress.steps - last_save_step >= interval)
-        bad = worst.item() if at_log else 0.0
-        stop_code, save_due, bad = agree(d, run.device, run.stop.code, float(save_due), bad)
-        stopping = run.stop.decide(stop_code)
-        if at_log:
-            worst.zero_()
-        if bad >= args.max_nonfinite:
-            raise NonFinite(f"{int(bad)} consecutive non-finite losses at epoch "
-                            f"{progress.epoch + 1}, batch {progress.batch}; stopping (try a "
-                            f"lower --lr or --amp bf16)")
-        if stopping or save_due:
-            progress.epoch_time = time.time() - epoch_start
-            ckpt.save_last(run, progress)
-            last_save_time, last_save_step = time.time(), progress.steps
-        if stopping:
-            break
+            log_train(run, progress, meter.read(run.d), plan.epoch_batches, lr)
+        if update and (run.d.world == 1 or at_log):  # under torchrun: no syncs between logs
+            stopping = decide(run, progress, meter, at_log, saves)
     if bar:
         bar.close()
-    progress.epoch_time = time.time() - epoch_start
     return not stopping
+
+
+def log_train(run, progress, interval, batches, lr):
+    """The log line of an interval (Meter.read) and its metrics record."""
+    loss, nonfinite = interval["loss"], interval["nonfinite"]
+    run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
+            f"lr {lr:05.5f} | ms/batch {interval['ms_per_batch']:5.2f} | loss {loss:5.2f} | "
+            f"ppl {safe_exp(loss):8.2f} | bpc {loss / LOG2:8.3f}"
+            + (f" | non-finite losses {nonfinite}" if nonfinite else ""))
+    run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
+                    batch=progress.batch, tokens=progress.tokens, lr=lr, bpc=loss / LOG2,
+                    **interval, time=time.time())
+
+
+def decide(run, progress, meter, at_log, saves):
+    """After an optimizer step, the stop, save and non-finite decisions, all taken on values
+    every rank shares, so that no rank waits for another that went a different way. True
+    when the run stops (the last checkpoint is then written)."""
+    bad = meter.worst_streak() if at_log else 0.0
+    code, due, bad = agree(run.d, run.device, run.stop.code, float(saves.due(progress.steps)), bad)
+    stopping = run.stop.decide(code)
+    if bad >= run.args.max_nonfinite:
+        raise NonFinite(f"{int(bad)} consecutive non-finite losses at epoch "
+                        f"{progress.epoch + 1}, batch {progress.batch}; stopping (try a lower "
+                        f"--lr or --amp bf16)")
+    if stopping or due:
+        ckpt.save_last(run, progress)
+        saves.restart(progress.steps)
+    return stopping
 
 
 def validate(run, progress):
     """Validation after an epoch: returns the loss, or None if stopped by a signal."""
-    args = run.args
-    bar = progress_bar(run, (run.val_data.shape[0] - 1) * eval_batch_size(args), "valid")
-    with averaged_weights(run.model, run.optimizer):
-        val_loss = evaluate(run.model, run.val_data, eval_batch_size(args), args.bptt, run.amp(),
-                            run.d, max_batches=run.limit("eval"),
-                            stop=run.stop if run.d.world == 1 else None, bar=bar)
+    bsz = eval_batch_size(run.args)
+    bar = progress_bar(run, (run.val_data.shape[0] - 1) * bsz, "valid")
+    with averaged_weights(run.model, run.step.optimizer):
+        val_loss = evaluate(run.model, run.val_data, bsz, run.args.bptt, run.step.autocast(),
+                            run.d, run.limits.eval_batches, run.local_stop, bar)
         if bar:
             bar.close()
         if val_loss is None:
@@ -332,7 +215,7 @@ def validate(run, progress):
         run.log("-" * 89)
         run.log(f"| end of epoch {progress.epoch + 1:3d} | time: {progress.epoch_time:5.2f}s | "
                 f"valid loss {val_loss:5.2f} | valid ppl {safe_exp(val_loss):8.2f} | "
-                f"valid bpc {val_loss / LOG2:8.3f}" + run.dry_note(run.val_data))
+                f"valid bpc {val_loss / LOG2:8.3f}" + run.limits.note(run.val_data, run.args.bptt))
         run.log("-" * 89)
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
@@ -357,7 +240,7 @@ def end_of_epoch(run, progress, val_loss):
             and val_loss > min(history[:-args.nonmono])):
         run.log("Switching to ASGD")
         progress.optimizer_name = "asgd"
-        run.optimizer = build_optimizer("asgd", run.model.parameters(), args)
+        run.step.optimizer = build_optimizer("asgd", run.model.parameters(), args.lr, args.wdecay)
     progress.epoch += 1
     progress.i = progress.batch = 0
     progress.hidden = progress.mems = None
@@ -367,8 +250,7 @@ def end_of_epoch(run, progress, val_loss):
 def train(run, progress):
     """Epochs of training and validation; returns how it ended: 'done', 'interrupt' or
     'terminate' (the last checkpoint is written in every case)."""
-    epochs = DRY_RUN["epochs"] if run.args.dry_run else run.args.epochs
-    while progress.epoch < epochs:
+    while progress.epoch < run.limits.epochs:
         if not train_epoch(run, progress):
             return run.stop.agreed
         try:
@@ -386,10 +268,12 @@ def train(run, progress):
     return "done"
 
 
+# --- testing -----------------------------------------------------------------------------
+
 def report(run, kind, name, loss, source):
     """One result line: loss, perplexity and bits per character of `source`."""
     run.log(f"| {kind} | {name} loss {loss:5.2f} | {name} ppl {safe_exp(loss):8.2f} | "
-            f"{name} bpc {loss / LOG2:8.3f}" + run.dry_note(source))
+            f"{name} bpc {loss / LOG2:8.3f}" + run.limits.note(source, run.args.bptt))
 
 
 def test(run, progress):
@@ -402,9 +286,8 @@ def test(run, progress):
                 "weights it ends with")
     run.stop.reason = None  # a Ctrl-C that ended training does not also stop the test
     bar = progress_bar(run, (run.test_data.shape[0] - 1) * TEST_BATCH_SIZE, "test")
-    test_loss = evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt, run.amp(),
-                         run.d, max_batches=run.limit("eval"),
-                         stop=run.stop if run.d.world == 1 else None, bar=bar)
+    test_loss = evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt,
+                         run.step.autocast(), run.d, run.limits.eval_batches, run.local_stop, bar)
     if bar:
         bar.close()
     if test_loss is None:
@@ -420,9 +303,9 @@ def test(run, progress):
 
 def report_dynamic(run, source, bsz, name):
     args = run.args
-    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt, run.amp(),
-                               args.dyn_lr, args.dyn_decay, args.dyn_eps, args.dyn_stat_batches,
-                               max_batches=run.limit("eval"))
+    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt,
+                               run.step.autocast(), args.dyn_lr, args.dyn_decay, args.dyn_eps,
+                               args.dyn_stat_batches, max_batches=run.limits.eval_batches)
     report(run, "dynamic eval", name, loss, source)
     run.log.metrics(type=f"dynamic_{name}", loss=loss, bpc=loss / LOG2, time=time.time())
 
@@ -431,8 +314,8 @@ def eval_only(run):
     """--eval-only: valid and test of the resumed weights; nothing is trained or written."""
     for name, source, bsz in (("valid", run.val_data, eval_batch_size(run.args)),
                               ("test", run.test_data, TEST_BATCH_SIZE)):
-        loss = evaluate(run.model, source, bsz, run.args.bptt, run.amp(), run.d,
-                        max_batches=run.limit("eval"))
+        loss = evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
+                        run.limits.eval_batches)
         report(run, "eval only", name, loss, source)
         if run.args.dynamic_eval:
             report_dynamic(run, source, bsz, name)
@@ -440,49 +323,64 @@ def eval_only(run):
 
 # --- setup -------------------------------------------------------------------------------
 
+def device_data(corpus, args, d, device):
+    """The three splits batchified with the global batch sizes, this rank's columns, in a
+    compact dtype on the device: [rows, B_local] each."""
+    dtype = compact_dtype(len(corpus.dictionary))
+
+    def columns(ids, bsz):
+        return batchify(ids.to(dtype), bsz)[:, d.share(bsz)].contiguous().to(device)
+
+    train = columns(corpus.train, args.batch_size)
+    if args.bptt >= train.shape[0] - 1:
+        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
+                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
+    return train, columns(corpus.valid, eval_batch_size(args)), columns(corpus.test, TEST_BATCH_SIZE)
+
+
 def setup(args, start, paths, stop):
     """Load data and weights, and build the Run and its Progress."""
     d, device = setup_distributed(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
-    writes = not args.eval_only
     if args.dynamic_eval and d.world > 1:
         raise InputError("--dynamic-eval runs in one process; launch it without torchrun")
     if args.batch_size % d.world:
         raise InputError(f"--batch_size {args.batch_size} does not divide over {d.world} ranks")
-
     rng = np.random.RandomState(args.seed)  # sequence lengths: the same on every rank
     torch.manual_seed(args.seed)
-    corpus = Corpus(args.data, unk=args.unk, cache=writes, write_later=True)
+    corpus = Corpus(args.data, unk=args.unk, cache=not args.eval_only, write_later=True)
     if args.continue_from:
         ckpt.check_same_corpus(start, corpus.fingerprint, args)
     model, config = ckpt.model_for(args, start, corpus)
-    model.to(device)
-    model.set_checkpoint_activations(args.checkpoint_activations)
-    if args.compile:
-        model.compile_blocks()
+    place_model(model, args, device)
     if d.world > 1:
         torch.manual_seed(args.seed + d.rank)  # distinct dropout masks per rank
-    train_data, val_data, test_data = device_data(corpus, args, d, device)
-
-    net = model
-    if d.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=config["cutoffs"] is not None)
+    splits = device_data(corpus, args, d, device)
     progress = ckpt.progress_from(start, args, d, device)
-    optimizer = build_optimizer(progress.optimizer_name, model.parameters(), args)
-    scaler = make_scaler(device, args.amp)
+    net = model if d.world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config["cutoffs"] is not None)
+    step = make_step(model, args, device, progress.optimizer_name, net)
     if args.continue_from:
-        optimizer.load_state_dict(start["optimizer"])
-        if start["scaler"]:
-            scaler.load_state_dict(start["scaler"])
-        ckpt.restore_rng(rng, start["rng"], d)
-
+        ckpt.restore_training(step, rng, start, d)
     if d.main:
         corpus.write_cache()  # every check has passed
+    log = open_records(args, paths, config, d)
+    run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
+              train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=log,
+              rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
+              fingerprint=corpus.fingerprint)
+    return run, progress
+
+
+def open_records(args, paths, config, d):
+    """The run log; a new run's folder gets its flags and machine (args.json, env.json),
+    and each --continue adds a line to continues.jsonl."""
+    writes = not args.eval_only
     log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
                  append=bool(args.continue_from))
-    if writes and d.main:  # the first start's flags and machine; each --continue adds a line
+    if writes and d.main:
         flags, env = dict(vars(args), model=config), environment()
         if args.continue_from:
             append_json_line(os.path.join(paths["run_dir"], "continues.jsonl"),
@@ -490,14 +388,11 @@ def setup(args, start, paths, stop):
         else:
             write_json(os.path.join(paths["run_dir"], "args.json"), flags)
             write_json(os.path.join(paths["run_dir"], "env.json"), env)
-    run = Run(args, model, net, optimizer, scaler, config, corpus.dictionary.idx2word,
-              train_data, val_data, test_data, device, d, log, rng, stop, paths,
-              corpus.fingerprint)
-    return run, progress
+    return log
 
 
-def execute(run, progress, notes):
-    """Evaluate only, or train then test; returns the exit code."""
+def describe(run, notes):
+    """The start-up lines: notes on the flags, the model, the device, the records."""
     args, config = run.args, run.config
     for note in notes:
         run.log(note)
@@ -510,10 +405,15 @@ def execute(run, progress, notes):
     default_dir = os.path.splitext(args.save)[0] + ".run"
     if not args.continue_from and not args.dry_run and run.paths["run_dir"] != default_dir:
         run.log(f"Run records in {run.paths['run_dir']} ({default_dir} holds an earlier run)")
+
+
+def execute(run, progress, notes):
+    """Evaluate only, or train then test; returns the exit code."""
+    describe(run, notes)
     if run.stop.agree(run.d, run.device):
         run.log("Stopped by a signal during start-up; nothing was trained")
         return 0
-    if args.eval_only:
+    if run.args.eval_only:
         eval_only(run)
         return 0
     try:
@@ -539,10 +439,10 @@ def main(argv=None):
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
-            args, start, notes = ckpt.resolve_flags(argv)
+            args, start, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
-            if not args.eval_only and os.environ.get("RANK", "0") == "0":  # rank 0 writes
+            if not args.eval_only and launched_rank() == 0:  # rank 0 writes
                 lock = outputs.claim(args, paths, tmp)
             run, progress = setup(args, start, paths, stop)
             try:
@@ -553,7 +453,7 @@ def main(argv=None):
                 dist.barrier()  # no rank tears the group down while another still talks to it
             return code
     except InputError as e:
-        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        if launched_rank() == 0:  # once under torchrun
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

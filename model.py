@@ -187,6 +187,16 @@ def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropo
             raise ValueError(f"{name} must be in [0, 1), got {p}")
 
 
+def attention_blocks(attn_layers, nlayers):
+    """The sorted block indices with attention: "all", "none", a list of indices, or None
+    for the paper's single attention in block nlayers - 2."""
+    if attn_layers == "all":
+        return list(range(nlayers))
+    if attn_layers == "none":
+        return []
+    return sorted({nlayers - 2} if attn_layers is None else set(attn_layers))
+
+
 class SHARNN(nn.Module):
     """The SHA-RNN. `forward(x, hidden, mems)` with token ids x `[T, B]` returns
     `(output [T, B, ninp], new_hidden, new_mems)`; `decoder(output)` gives the logits.
@@ -203,7 +213,7 @@ class SHARNN(nn.Module):
                  attn_layers=None, heads=1, mem_len=5000, dropoute=0.0, wdrop=0.0, cutoffs=None,
                  sdpa=True):
         super().__init__()
-        attn_layers = sorted({nlayers - 2} if attn_layers is None else set(attn_layers))
+        attn_layers = attention_blocks(attn_layers, nlayers)
         check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len,
                      dict(dropout=dropout, dropouth=dropouth, dropouti=dropouti,
                           dropoute=dropoute, wdrop=wdrop))

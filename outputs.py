@@ -4,7 +4,8 @@ anything is written, and the lock that keeps two runs off the same files."""
 import fcntl
 import os
 
-from checkpoint import check_writable, remove_stale_temporaries
+from checkpoint import check_writable
+from utils import remove_stale_temporaries
 from data import CACHE_NAME, SPLITS
 from flags import InputError
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from flags import InputError
+from flags import InputError, launched_rank
 
 
 # --- device and precision ----------------------------------------------------------------
@@ -81,7 +81,7 @@ def setup_distributed(device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist(), device
-    rank = int(os.environ["RANK"])
+    rank = launched_rank()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -1,18 +1,126 @@
-"""Small helpers shared by main.py and the scripts: printing numbers and run records."""
+"""Small helpers shared by main.py and the scripts: numbers for printing, the one atomic
+file writer, and the run records."""
 
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 
 import torch
+
+LOG2 = math.log(2)  # bits per character = loss / LOG2
 
 
 def safe_exp(x):
     """exp() for printing perplexities: inf instead of OverflowError."""
     return float("inf") if x >= 700 else math.exp(x)  # nan stays nan
+
+
+# --- writing files atomically ------------------------------------------------------------
+
+WRITE_HOOKS = []  # test seam: each hook(path) runs after the payload is written, before the rename
+
+
+class _Recording:
+    """A file's write() that remembers an OSError, which torch.save would otherwise report
+    as a RuntimeError ("unexpected pos") on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary binary file in the folder of `path`, flush and fsync it,
+    then rename it over `path`: a crash at any moment leaves the old file or the new one,
+    never half of one. The temporary is locked while it is written, so that
+    `remove_stale_temporaries` only removes what a dead writer left. Any failure to write
+    (a full disk among them) is an OSError; the temporary is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _same_file(tmp, fd):
+            break
+        os.close(fd)  # removed as stale between its creation and the lock: take another
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            recording = _Recording(f)
+            try:
+                write(recording)
+                f.flush()
+            except RuntimeError as e:  # torch.save's report of a failed write
+                if recording.error:
+                    raise recording.error from None
+                raise OSError(errno.EIO, f"write failed ({str(e).strip().splitlines()[-1]})") from None
+            for hook in WRITE_HOOKS:
+                hook(path)
+            os.fsync(f.fileno())
+            os.replace(tmp, path)  # while still locked
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path` through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _same_file(path, fd):
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporary files that writers of `path` killed mid-write left behind (a
+    kill -9 during atomic_write). A temporary still locked by its writer, in this or another
+    process, is left alone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.[A-Za-z0-9_]{8}\.tmp")
+    for name in os.listdir(folder):
+        if not pattern.fullmatch(name):
+            continue
+        stale = os.path.join(folder, name)
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_file(stale, fd):
+                os.remove(stale)
+        except OSError:
+            pass  # locked: a live writer
+        finally:
+            os.close(fd)
 
 
 # --- run records -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import byte_format  # noqa: E402
+from prepare import byte_format  # noqa: E402
 
 # Flags for a tiny, quick training run of main.py on the CPU. SMALL_WITH_PROGRESS leaves the
 # progress bars to main.py's default (drawn only when stderr is a terminal); SMALL turns them off.

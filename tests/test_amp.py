@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-import bench
-import main
+from training import Step, train_step
 from conftest import ROOT, SMALL, perturb, run_cli
 from lamb import Lamb
 from model import SHARNN
@@ -63,7 +62,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-2, weight_decay=1e-6, min_trust=0.25)
     scaler = make_scaler(CPU, "fp16")
-    run = bench.step_run(model, optimizer, scaler, CPU, "fp16", clip=0.25)
+    run = Step(model, model, optimizer, scaler, 0.25, CPU, "fp16")
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
     poison = {"on": False}
     handle = params[3].register_hook(lambda g: g * float("inf") if poison["on"] else g)
@@ -72,7 +71,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
         raise AssertionError("host synchronisation inside a training step")
 
     hidden = mems = None
-    main.train_step(run, *batches[0], hidden, mems, None, 1e-2, True)
+    train_step(run, *batches[0], hidden, mems, None, 1e-2, True)
     scale = scaler.get_scale()
     weights = [p.detach().clone() for p in params]
     state = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
@@ -80,13 +79,13 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     with monkeypatch.context() as m:
         for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
             m.setattr(torch.Tensor, name, forbidden)
-        main.train_step(run, *batches[1], hidden, mems, None, 1e-2, True)
+        train_step(run, *batches[1], hidden, mems, None, 1e-2, True)
     assert all(torch.equal(p, w) for p, w in zip(params, weights))  # the step was skipped
     assert all(torch.equal(optimizer.state[params[0]][k], v) for k, v in state.items())
     assert scaler.get_scale() == scale / 2
     poison["on"] = False
     handle.remove()
-    main.train_step(run, *batches[2], hidden, mems, None, 1e-2, True)
+    train_step(run, *batches[2], hidden, mems, None, 1e-2, True)
     assert all(not torch.equal(p, w) for p, w in zip(params, weights))  # the next step ran
     assert scaler.get_scale() == scale / 2
 

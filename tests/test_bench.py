@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import bench
-import main
-from dyneval import detach
+from training import Step, build_optimizer, detach, make_step, train_step
 from runtime import make_scaler
 from conftest import ROOT
 from lamb import Lamb
@@ -46,11 +45,11 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
     model = tiny_model(sdpa, attn_layers, heads)
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
-    run = bench.step_run(model, None, make_scaler(CPU, "none"), CPU, "none")
+    run = Step(model, model, None, make_scaler(CPU, "none"), 0.25, CPU, "none")
     hidden = mems = floor_hidden = floor_mems = None
     for x, y in batches():
         model.zero_grad(set_to_none=True)
-        loss, hidden, mems, pending = main.train_step(run, x, y, hidden, mems, None, 0.0, False)
+        loss, hidden, mems, pending, _ = train_step(run, x, y, hidden, mems, None, 0.0, False)
         pending.backward()
         hidden, mems = detach(hidden, mems)
         output, floor_hidden, floor_mems = bench.floor_forward(P, cfg, x, floor_hidden,
@@ -75,11 +74,11 @@ def test_floor_step_matches_the_real_training_step(sdpa):
     model = tiny_model(sdpa)
     twin = copy.deepcopy(model)
     P = dict(twin.named_parameters())
-    real = bench.model_train_step(model, bench.build_optimizer(list(model.parameters())),
-                                  make_scaler(CPU, "none"), CPU, "none")
+    args = bench.build_parser().parse_args(["--device", "cpu", "--amp", "none"])
+    real = bench.model_train_step(make_step(model, args, CPU), args.lr)
     floor = bench.floor_train_step(P, bench.floor_config(twin),
-                                   bench.build_optimizer(list(P.values())),
-                                   make_scaler(CPU, "none"), CPU, "none")
+                                   build_optimizer("lamb", list(P.values()), args.lr, args.wdecay),
+                                   make_scaler(CPU, "none"), CPU, "none", args.clip)
     start = [p.detach().clone() for p in model.parameters()]
     for n, (x, y) in enumerate(batches(), 1):
         assert floor(x, y).item() == pytest.approx(real(x, y).item(), abs=1e-5)
@@ -90,7 +89,8 @@ def test_floor_step_matches_the_real_training_step(sdpa):
 
 
 def test_optimizer_is_the_papers_lamb():
-    opt = bench.build_optimizer([torch.nn.Parameter(torch.ones(2))])
+    args = bench.build_parser().parse_args([])
+    opt = make_step(torch.nn.Linear(2, 1), args, CPU).optimizer
     assert isinstance(opt, Lamb)
     group = opt.param_groups[0]
     assert group["min_trust"] == 0.25 and group["weight_decay"] == 1.2e-6
@@ -135,7 +135,8 @@ def test_cli_floor_prints_floor_and_overhead():
     lines = run_bench("--floor", "--attn-layers", "all", "--heads", "2")
     assert re.fullmatch("train: " + RESULT, lines[-1]), lines[-1]
     assert any(re.fullmatch(r"floor: [\d,]+\.\d ms/batch", line) for line in lines)
-    assert any(re.fullmatch(r"overhead: [+-]\d+\.\d%", line) for line in lines)
+    overhead = [line for line in lines if "overhead" in line]
+    assert len(overhead) == 1 and re.fullmatch(r"overhead: [+-]\d+\.\d% \(.+\)", overhead[0])
 
 
 def test_cli_rejects_bad_flags():

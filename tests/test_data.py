@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import data
+import prepare
+import tokens
 from conftest import ROOT
 from flags import InputError
 
@@ -36,12 +38,12 @@ def make_corpus(folder, train, valid="a\n", test="a\n"):
 def tokenizer(request, monkeypatch):
     """Run a test through one tokenizer; the other one fails the test if it is used."""
     if request.param == "python":
-        monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+        monkeypatch.setattr(tokens, "_read_key_chunks", lambda path: None)
     else:
         def unexpected(*args):
             raise AssertionError("the Python tokenizer ran on fast-path text")
-        monkeypatch.setattr(data, "_vocab_from_text", unexpected)
-        monkeypatch.setattr(data, "_ids_from_text", unexpected)
+        monkeypatch.setattr(tokens, "_vocab_from_text", unexpected)
+        monkeypatch.setattr(tokens, "_ids_from_text", unexpected)
     return request.param
 
 
@@ -123,10 +125,10 @@ def test_fast_tokenizer_equals_python_tokenizer(tmp_path, monkeypatch, chunk):
     rng = random.Random(chunk)
     folder = make_corpus(tmp_path, tricky_text(rng, 4000), tricky_text(rng, 500),
                          tricky_text(rng, 500))
-    monkeypatch.setattr(data, "TOKENIZE_CHUNK", chunk)
-    assert data._read_key_chunks(folder / "train.txt") is not None  # the fast path applies
+    monkeypatch.setattr(tokens, "TOKENIZE_CHUNK", chunk)
+    assert tokens._read_key_chunks(folder / "train.txt") is not None  # the fast path applies
     fast = data.Corpus(folder, cache=False)
-    monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+    monkeypatch.setattr(tokens, "_read_key_chunks", lambda path: None)
     slow = data.Corpus(folder, cache=False)
     assert fast.dictionary.idx2word == slow.dictionary.idx2word
     for split in data.SPLITS:
@@ -153,7 +155,7 @@ def test_tokens_longer_than_eight_bytes(tmp_path):
 @pytest.mark.parametrize("fast", [True, False])
 def test_unseen_token_names_token_file_and_line(tmp_path, monkeypatch, fast):
     if not fast:
-        monkeypatch.setattr(data, "_read_key_chunks", lambda path: None)
+        monkeypatch.setattr(tokens, "_read_key_chunks", lambda path: None)
     folder = make_corpus(tmp_path, "a b\n", "a\nb a\nb zz a\n", "a\n")
     with pytest.raises(InputError) as error:
         data.Corpus(folder, cache=False)
@@ -373,15 +375,15 @@ def test_decode_tokens():
 @pytest.mark.parametrize("raw", [b"", b"\n", b"A", b"\nA\n\nB\n", b"\n\n\x00\xff 9\n",
                                  bytes(range(256)) * 3])
 def test_byte_format_matches_the_one_liner(raw):
-    assert data.byte_format(raw) == one_liner(raw)
+    assert prepare.byte_format(raw) == one_liner(raw)
 
 
 def test_byte_format_writer_across_chunks(tmp_path, monkeypatch):
     rng = random.Random(5)
     raw = bytes(rng.choice([10, 10, 32, 65, 0, 255, 7]) for _ in range(1000)) + b"\n"
-    monkeypatch.setattr(data, "WRITE_CHUNK", 7)
+    monkeypatch.setattr(prepare, "WRITE_CHUNK", 7)
     with open(tmp_path / "out.txt", "wb") as f:
-        data._write_byte_format(raw, f)
+        prepare._write_byte_format(raw, f)
     assert (tmp_path / "out.txt").read_bytes() == one_liner(raw)
 
 
@@ -403,7 +405,7 @@ def test_prepare_enwik8_splits_off_the_last_bytes(tmp_path, capsys):
     raw = sample_bytes(3500, 1)
     archive = zip_with(tmp_path / "enwik8.zip", {"enwik8": raw})
     out = tmp_path / "enwik8"
-    data.prepare_enwik8(archive, out, split=1000)
+    prepare.prepare_enwik8(archive, out, split=1000)
     parts = {"train": raw[:1500], "valid": raw[1500:2500], "test": raw[2500:]}
     for split, part in parts.items():
         assert (out / f"{split}.txt.raw").read_bytes() == part
@@ -420,7 +422,7 @@ def test_prepare_text8_uses_the_usual_split(tmp_path):
     rng = random.Random(2)
     raw = bytes(rng.choice(b"abcdefgh ") for _ in range(5000))
     archive = zip_with(tmp_path / "text8.zip", {"text8": raw})
-    data.prepare_text8(archive, tmp_path / "text8", split=1000)
+    prepare.prepare_text8(archive, tmp_path / "text8", split=1000)
     for split, part in (("train", raw[:3000]), ("valid", raw[3000:4000]), ("test", raw[4000:])):
         assert (tmp_path / "text8" / f"{split}.txt.raw").read_bytes() == part
         assert (tmp_path / "text8" / f"{split}.txt").read_bytes() == one_liner(part)
@@ -430,16 +432,16 @@ def test_prepare_text8_uses_the_usual_split(tmp_path):
 
 def test_prepare_byte_corpus_errors(tmp_path):
     with pytest.raises(InputError, match="missing.zip: archive not found"):
-        data.prepare_enwik8(tmp_path / "missing.zip", tmp_path / "out")
+        prepare.prepare_enwik8(tmp_path / "missing.zip", tmp_path / "out")
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(InputError, match="not a zip archive"):
-        data.prepare_enwik8(tmp_path / "bad.zip", tmp_path / "out")
+        prepare.prepare_enwik8(tmp_path / "bad.zip", tmp_path / "out")
     archive = zip_with(tmp_path / "other.zip", {"enwik9": b"x"})
     with pytest.raises(InputError, match="no member named enwik8"):
-        data.prepare_enwik8(archive, tmp_path / "out")
+        prepare.prepare_enwik8(archive, tmp_path / "out")
     archive = zip_with(tmp_path / "small.zip", {"text8": b"abc"})
     with pytest.raises(InputError, match="too few"):
-        data.prepare_text8(archive, tmp_path / "out", split=2)
+        prepare.prepare_text8(archive, tmp_path / "out", split=2)
     assert not (tmp_path / "out" / "train.txt").exists()
 
 
@@ -450,7 +452,7 @@ def test_prepare_wikitext(tmp_path, raw):
     texts = {split: f" = Café = \n the {split} text @-@ \n".encode() for split in data.SPLITS}
     archive = zip_with(tmp_path / "wikitext.zip",
                        {f"{folder}/wiki.{split}.{suffix}": text for split, text in texts.items()})
-    data.prepare_wikitext(archive, tmp_path / "out")
+    prepare.prepare_wikitext(archive, tmp_path / "out")
     for split, text in texts.items():
         written = (tmp_path / "out" / f"{split}.txt").read_bytes()
         assert written == (one_liner(text) if raw else text)
@@ -461,7 +463,7 @@ def test_prepare_wikitext(tmp_path, raw):
 def test_prepare_wikitext_needs_all_three_splits(tmp_path):
     archive = zip_with(tmp_path / "partial.zip", {"wikitext-2/wiki.train.tokens": b"a\n"})
     with pytest.raises(InputError, match="no member named wiki.valid.tokens"):
-        data.prepare_wikitext(archive, tmp_path / "partial")
+        prepare.prepare_wikitext(archive, tmp_path / "partial")
 
 
 def make_ptb_archive(path):
@@ -481,7 +483,7 @@ def make_ptb_archive(path):
 def test_prepare_ptb(tmp_path, char):
     archive, files = make_ptb_archive(tmp_path / "simple-examples.tgz")
     out = tmp_path / ("pennchar" if char else "penn")
-    data.prepare_ptb(archive, out, char=char)
+    prepare.prepare_ptb(archive, out, char=char)
     for split in data.SPLITS:
         name = f"ptb.char.{split}.txt" if char else f"ptb.{split}.txt"
         assert (out / f"{split}.txt").read_bytes() == files[name]
@@ -490,12 +492,12 @@ def test_prepare_ptb(tmp_path, char):
 def test_prepare_ptb_rejects_a_file_that_is_not_a_tar_archive(tmp_path):
     (tmp_path / "simple-examples.tgz").write_bytes(b"garbage")
     with pytest.raises(InputError, match="not a readable tar archive"):
-        data.prepare_ptb(tmp_path / "simple-examples.tgz", tmp_path / "penn")
+        prepare.prepare_ptb(tmp_path / "simple-examples.tgz", tmp_path / "penn")
 
 
 def test_cli_reports_a_missing_archive_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "data.py", "prepare", "enwik8", str(tmp_path / "enwik8.zip"),
+        [sys.executable, "prepare.py", "enwik8", str(tmp_path / "enwik8.zip"),
          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stdout == ""
@@ -505,7 +507,7 @@ def test_cli_reports_a_missing_archive_in_one_line(tmp_path):
 def test_cli_prepares_text8(tmp_path):
     zip_with(tmp_path / "text8.zip", {"text8": b"abc de" * 10})
     result = subprocess.run(
-        [sys.executable, "data.py", "prepare", "text8", str(tmp_path / "text8.zip"),
+        [sys.executable, "prepare.py", "text8", str(tmp_path / "text8.zip"),
          str(tmp_path / "text8"), "--split", "20"], cwd=ROOT, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-import main
+from training import evaluate
 from conftest import SMALL, run_cli, sentences, write_corpus
 from data import Corpus, batchify
 from model import SHARNN
@@ -106,7 +106,7 @@ def dyn(model, corpus, source, lr=3e-4, stat_batches=20):
 def test_dynamic_evaluation_lowers_bpc_on_shifted_text(shifted):
     model, corpus = shifted
     test = batchify(corpus.test, 8)
-    static = main.evaluate(model, test, 8, 16, torch.autocast("cpu", enabled=False), Dist())
+    static = evaluate(model, test, 8, 16, torch.autocast("cpu", enabled=False), Dist())
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     dynamic, chunks = dyn(model, corpus, test)
     assert dynamic < static - 0.05

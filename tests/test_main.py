@@ -13,7 +13,7 @@ from checkpoint import Progress
 from flags import parse_args
 from runtime import Dist
 from conftest import SMALL, run_cli
-from main import evaluate, lr_at, sample_seq_len
+from training import Step, averaged_weights, build_optimizer, evaluate, lr_at, sample_seq_len
 
 LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
                       r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
@@ -91,27 +91,29 @@ def test_paper_commands_parse():
 # --- units -------------------------------------------------------------------------------
 
 def test_lr_warmup_is_linear_then_flat():
-    assert lr_at(1, 2e-3, 800) == pytest.approx(2e-3 / 800)
-    assert lr_at(400, 2e-3, 800) == pytest.approx(1e-3)
-    assert lr_at(800, 2e-3, 800) == pytest.approx(2e-3)
-    assert lr_at(5000, 2e-3, 800) == pytest.approx(2e-3)
+    assert lr_at(1, 1, 2e-3, 800) == pytest.approx(2e-3 / 800)
+    assert lr_at(400, 400, 2e-3, 800) == pytest.approx(1e-3)
+    assert lr_at(800, 800, 2e-3, 800) == pytest.approx(2e-3)
+    assert lr_at(5000, 5000, 2e-3, 800) == pytest.approx(2e-3)
 
 
 def test_lr_when_and_cooldown():
-    # --when 2: divided by 10 from the third epoch (0-based epoch 2) on.
-    assert lr_at(900, 1.0, 10, epoch=1, when=[2]) == 1.0
-    assert lr_at(900, 1.0, 10, epoch=2, when=[2]) == pytest.approx(0.1)
-    assert lr_at(900, 1.0, 10, epoch=5, when=[2, 4]) == pytest.approx(0.01)
-    assert lr_at(950, 1.0, 10, cooldown=100, total_batches=1000) == pytest.approx(0.5)
-    assert lr_at(1010, 1.0, 10, cooldown=100, total_batches=1000) == 0.0
+    # --when 2: divided by 10 from the third epoch (0-based epoch 2) on. The cooldown counts
+    # optimizer steps (the second argument), whatever the batch count (the first).
+    assert lr_at(900, 900, 1.0, 10, epoch=1, when=[2]) == 1.0
+    assert lr_at(900, 900, 1.0, 10, epoch=2, when=[2]) == pytest.approx(0.1)
+    assert lr_at(900, 900, 1.0, 10, epoch=5, when=[2, 4]) == pytest.approx(0.01)
+    assert lr_at(950, 950, 1.0, 10, cooldown=100, last_step=1000) == pytest.approx(0.5)
+    assert lr_at(1010, 1000, 1.0, 10, cooldown=100, last_step=1000) == 0.0  # the last step
+    assert lr_at(2000, 950, 1.0, 10, cooldown=100, last_step=1000) == pytest.approx(0.5)
 
 
 def test_warmup_step_counts_batches_across_epochs():
     # step = epoch * (len(train) // bptt) + batch + 1 (docs/model.md, Training loop)
     args = parse_args(["--warmup", "800"])
     nominal = 5493
-    assert lr_at(1 * nominal + 9 + 1, args.lr, args.warmup) == args.lr  # past warmup in epoch 2
-    assert lr_at(0 * nominal + 9 + 1, args.lr, args.warmup) == pytest.approx(args.lr * 10 / 800)
+    assert lr_at(1 * nominal + 9 + 1, 1, args.lr, args.warmup) == args.lr  # past warmup in epoch 2
+    assert lr_at(0 * nominal + 9 + 1, 1, args.lr, args.warmup) == pytest.approx(args.lr * 10 / 800)
 
 
 def test_sequence_length_sampler_bounds_and_original_stream():
@@ -196,20 +198,23 @@ def test_sgd_switches_to_averaged_sgd_and_evaluates_with_the_average(tmp_path):
     args = parse_args(["--optimizer", "sgd", "--nonmono", "2", "--when", "3", "--lr", "0.5",
                             "--save", str(tmp_path / "m.pt")])
     logged = []
-    run = main.Run(args, model, model, main.build_optimizer("sgd", model.parameters(), args),
-                   None, {}, [], None, None, None, torch.device("cpu"), Dist(),
-                   logged.append, None, None, {"save": str(tmp_path / "m.pt")})
+    optimizer = build_optimizer("sgd", model.parameters(), args.lr, args.wdecay)
+    step = Step(model, model, optimizer, None, args.clip, torch.device("cpu"), "none")
+    run = main.Run(args=args, step=step, config={}, vocab=[], train_data=None, val_data=None,
+                   test_data=None, d=Dist(), log=logged.append, rng=None, stop=None,
+                   paths={"save": str(tmp_path / "m.pt")}, limits=main.Limits.of(args),
+                   fingerprint=None)
     progress = Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
     main.end_of_epoch(run, progress, 1.5)  # 1.5 > min(history[:-2]) = 1.0: switch
-    assert "Switching to ASGD" in logged and isinstance(run.optimizer, torch.optim.ASGD)
+    assert "Switching to ASGD" in logged and isinstance(run.step.optimizer, torch.optim.ASGD)
     assert progress.optimizer_name == "asgd" and progress.epoch == 1
     before = model.weight.detach().clone()
     for _ in range(3):
-        run.optimizer.zero_grad()
+        run.step.optimizer.zero_grad()
         model(torch.ones(1, 3)).sum().backward()
-        run.optimizer.step()
-    average = run.optimizer.state[model.weight]["ax"].clone()
-    with main.averaged_weights(model, run.optimizer):
+        run.step.optimizer.step()
+    average = run.step.optimizer.state[model.weight]["ax"].clone()
+    with averaged_weights(model, run.step.optimizer):
         assert torch.equal(model.weight, average)
     assert not torch.equal(model.weight, average) and not torch.equal(model.weight, before)
     progress.epoch = 2

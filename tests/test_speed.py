@@ -1,12 +1,15 @@
 """The fast paths compute what the plain paths compute (issue: speed), on the CPU."""
 
+from types import SimpleNamespace
+
 import torch
 
-import bench
-import main
+from training import Step, train_step
 from runtime import Dist, make_scaler
 from conftest import perturb
-from data import batchify, compact_dtype, get_batch, split_columns
+from data import batchify, get_batch
+from main import device_data
+from tokens import compact_dtype
 from lamb import Lamb
 from model import SHARNN
 
@@ -35,8 +38,11 @@ def test_mask_is_built_once_and_sliced():
 
 def test_data_is_compact_on_the_device_and_batches_are_long():
     ids = torch.randint(0, 205, (1000,))
-    data = split_columns(ids.to(compact_dtype(205)), 4, Dist(), torch.device("cpu"))
-    assert data.dtype == torch.uint8 and data.is_contiguous()
+    corpus = SimpleNamespace(train=ids, valid=ids[:500], test=ids[:300], dictionary=range(205))
+    args = SimpleNamespace(batch_size=4, bptt=16)
+    data, valid, test = device_data(corpus, args, Dist(), torch.device("cpu"))
+    assert data.dtype == valid.dtype == test.dtype == torch.uint8 and data.is_contiguous()
+    assert test.shape == (300 // 8, 8)
     x, y = get_batch(data, 3, 10)
     assert x.dtype == y.dtype == torch.int64
     assert torch.equal(x, batchify(ids, 4)[3:13])
@@ -82,8 +88,8 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
     model = tiny()
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-3, weight_decay=1e-6, min_trust=0.25)
-    run = bench.step_run(model, optimizer, make_scaler(torch.device("cpu"), "none"),
-                         torch.device("cpu"), "none", clip=0.25)
+    run = Step(model, model, optimizer, make_scaler(torch.device("cpu"), "none"), 0.25,
+               torch.device("cpu"), "none")
     hidden = mems = None
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
 
@@ -95,7 +101,7 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     total = torch.zeros(())
     for x, y in batches:
-        loss, hidden, mems, _ = main.train_step(run, x, y, hidden, mems, None, 1e-3, True)
+        loss, hidden, mems, _, _ = train_step(run, x, y, hidden, mems, None, 1e-3, True)
         total += loss
     monkeypatch.undo()
     assert total.item() > 0

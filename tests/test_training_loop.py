@@ -14,6 +14,7 @@ from data import Corpus, batchify
 from dyneval import dynamic_evaluate
 from lamb import Lamb
 from model import SHARNN
+from training import plan_run, sample_seq_len, twin
 
 LR, WARMUP, CLIP, WDECAY, SEED, BSZ, BPTT = 3e-3, 50, 0.25, 1.2e-6, 11, 4, 16
 
@@ -191,10 +192,73 @@ def test_max_steps_ends_training_and_the_cooldown_there(capsys, tmp_path):
     assert train[-1]["epoch"] == 2
     second = re.findall(r"\| epoch +2 \| +\d+/ *(\d+) batches", out)
     assert set(second) == {str(len(second))}  # the epoch's count ends at the last step
-    for r in train:  # warmup 5, then linear to 0 at batch `steps` of the run (nominal count)
+    for r in train:  # warmup 5 (nominal batch count), then linear to 0 at optimizer step `steps`
         n = (r["epoch"] - 1) * nominal + r["batch"]
-        assert r["lr"] == pytest.approx(1e-2 * min(n, 5) / 5 * min(1.0, max(0.0, (steps - n) / 10)))
+        assert r["lr"] == pytest.approx(1e-2 * min(n, 5) / 5 * min(1.0, max(0.0, (steps - r["step"]) / 10)))
+    assert train[-1]["lr"] == 0.0 and train[-2]["lr"] > 0.0
     assert [r["epoch"] for r in records if r["type"] == "valid"] == [1, 2]  # validated at the stop
     assert "| End of training | test loss" in out
     last = torch.load(str(tmp_path / "m.last.pt"), weights_only=True)
     assert last["progress"]["steps"] == steps
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_cooldown_reaches_zero_at_the_last_step_when_epochs_run_longer_than_nominal(
+        capsys, tmp_path, accumulate):
+    """--epochs without --max-steps: the real epochs take more batches than the nominal
+    rows // bptt, and the cooldown still ends exactly at the run's last optimizer step."""
+    folder = write_corpus(tmp_path / "data", sentences(60, 1), sentences(10, 2), sentences(10, 3))
+    nominal = batchify(Corpus(folder, cache=False).train, BSZ).shape[0] // BPTT
+    code, out, err = run_cli(capsys, "--data", folder, "--save", str(tmp_path / "m.pt"), *SMALL,
+                             "--epochs", "3", "--cooldown", "8", "--warmup", "5", "--lr", "1e-2",
+                             "--log-interval", "1", "--accumulate", str(accumulate))
+    assert code == 0, err
+    records = [json.loads(line) for line in open(tmp_path / "m.run" / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    per_epoch = [sum(r["epoch"] == e for r in train) for e in (1, 2, 3)]
+    assert min(per_epoch) > nominal  # the epochs are longer than the schedule's nominal count
+    last_step = train[-1]["step"]
+    steps_taken = [r for r in train if r["batch"] % accumulate == 1 or accumulate == 1]
+    assert steps_taken[-1]["lr"] == 0.0  # the last optimizer step runs at 0
+    before = [r for r in steps_taken if r["step"] == last_step - 4][-1]
+    assert before["lr"] == pytest.approx(1e-2 * 4 / 8)  # linear over the last 8 steps
+    assert all(r["lr"] > 0 for r in steps_taken[:-1])
+
+
+def simulated_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_steps, limit):
+    """The epochs as the training loop runs them, batch by batch: (the batch count at which
+    the current epoch ends, the run's last optimizer step)."""
+    first_end = None
+    while epoch < epochs and not (max_steps and steps >= max_steps):
+        while (i < rows - 2 and not (limit and batch >= limit)
+               and not (max_steps and steps >= max_steps)):
+            i += min(sample_seq_len(rng, bptt), rows - 1 - i)
+            steps += batch % accumulate == 0
+            batch += 1
+        first_end = batch if first_end is None else first_end
+        epoch, i, batch = epoch + 1, 0, 0
+    return (batch if first_end is None else first_end), steps
+
+
+def test_the_plan_of_a_run_is_what_the_loop_does_and_draws_nothing():
+    cases = np.random.RandomState(0)
+    for _ in range(300):
+        rows, bptt = int(cases.randint(40, 400)), int(cases.choice([5, 8, 16, 30]))
+        epochs, accumulate = int(cases.randint(1, 4)), int(cases.randint(1, 4))
+        max_steps = [None, int(cases.randint(1, 60))][cases.randint(2)]
+        limit = [None, 3][cases.randint(2)]
+        rng = np.random.RandomState(int(cases.randint(1000)))
+        for _ in range(int(cases.randint(0, 5))):  # somewhere inside the first epoch
+            sample_seq_len(rng, bptt)
+        epoch, batch = int(cases.randint(0, epochs + 1)), int(cases.randint(0, 4))
+        i, steps = min(batch * bptt, rows - 2), int(cases.randint(0, 4))
+        if cases.randint(3) == 0:  # exactly the steps to the end of this epoch
+            max_steps = simulated_run(twin(rng), epoch, i, batch, steps, rows, bptt, epoch + 1,
+                                      accumulate, None, limit)[1] or None
+        state = rng.get_state()
+        plan = plan_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_steps, limit)
+        assert str(rng.get_state()) == str(state)  # the real stream is untouched
+        expected = simulated_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate,
+                                 max_steps, limit)
+        assert (plan.epoch_batches, plan.last_step) == expected, (rows, bptt, epochs, accumulate,
+                                                                  max_steps, limit, epoch, i, batch, steps)
