@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import build_model as build_sharnn, model_config
-from flags import PAPER, InputError, Parser, add_device_flags, add_model_flags
+from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
+                   check_seed)
 from model import LN_EPS, gelu, lstm_needs_float32
-from runtime import amp_mode, autocast, make_scaler, pick_device
-from training import build_optimizer, make_step, place_model, train_step
+from runtime import amp_mode, autocast, make_scaler, out_of_memory, pick_device
+from training import (build_optimizer, check_fits, device_memory, make_step, place_model,
+                      train_step)
 
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
@@ -76,13 +78,25 @@ def build_parser():
     return p
 
 
+MAX_STEPS = 10**6  # most timed (or warm-up) steps
+
+
 def check_args(args):
     """Raise InputError on a flag value the benchmark cannot run with."""
+    check_model_flags(args)
     for flag in ("bptt", "batch_size", "steps", "ntoken"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.warmup_steps < 0:
-        raise InputError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    for flag in ("steps", "warmup_steps"):
+        if not 0 <= getattr(args, flag) <= MAX_STEPS:
+            raise InputError(f"--{flag.replace('_', '-')} must be between 0 and {MAX_STEPS:,}, "
+                             f"got {getattr(args, flag)}")
+    check_seed(args.seed)
+    tokens = (args.warmup_steps + args.steps + 2) * args.bptt * args.batch_size
+    if tokens * 8 > device_memory(torch.device("cpu")):
+        raise InputError(f"--bptt {args.bptt} x --batch_size {args.batch_size} over "
+                         f"{args.warmup_steps + args.steps} steps does not fit in memory: "
+                         f"{tokens * 8 / 2**30:,.1f} GiB of token ids alone")
 
 
 def build_model(args, device):
@@ -383,6 +397,7 @@ def run(args):
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    check_fits(model_config(args, args.ntoken), args.bptt, args.batch_size, device)
     model = build_model(args, device)
     warmup = warmup_steps(args, model)
     batches = synthetic_batches(warmup + args.steps, args.bptt, args.batch_size, args.ntoken,
@@ -438,6 +453,13 @@ def main_cli(argv=None):
         run(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        print(f"error: the step does not fit in memory at --bptt {args.bptt} --batch_size "
+              f"{args.batch_size} with --emsize {args.emsize} --nhid {args.nhid} (the allocator: "
+              f"{str(e).strip().splitlines()[0][:120]})", file=sys.stderr)
         return 2
     return 0
 

@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,8 +19,9 @@ import torch
 import torch.distributed as dist
 
 from flags import MODEL_FLAGS, InputError
+from outputs import Output, claim
 from model import SHARNN, attention_blocks, attn_layers_in
-from runtime import agree, gather_columns
+from runtime import agree, gather_columns, out_of_memory
 from utils import LOG2, atomic_save
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
@@ -31,20 +31,6 @@ DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000],
 
 
 # --- files -------------------------------------------------------------------------------
-
-def check_writable(path):
-    """Raise InputError unless a file can be created at `path` (checked before training)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise InputError(f"cannot write {path}: {e.strerror}") from None
-    if os.path.isdir(path):
-        raise InputError(f"cannot write {path}: it is a folder")
-
 
 def convert_hint(path):
     return (f"only if the file comes from a source you trust, convert it once with "
@@ -83,12 +69,110 @@ def load_checkpoint(path):
         raise InputError(f"checkpoint {path} is truncated, corrupt or not a torch checkpoint: "
                          f"{type(e).__name__}: {first_line(e)}") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return dict(obj, kind="sha-rnn")
+        check_fields(obj, path)
+        return dict(obj, kind="sha-rnn", path=path)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if "encoder.weight" not in obj:
             raise InputError(f"{path} is a state_dict but not of a SHA-RNN (no encoder.weight)")
         return {"kind": "state_dict", "model": obj, "attn_layers": attn_layers_in(obj)}
     raise InputError(f"{path} is not a SHA-RNN checkpoint or state_dict")
+
+
+# --- what a checkpoint of this project holds ---------------------------------------------
+
+NUMBER = (int, float)
+BEST = {"format": str, "version": int, "model": dict, "config": dict, "vocab": list,
+        "metrics": dict, "args": dict}
+LAST = {"optimizer": dict, "carry": (dict, type(None)), "rng": dict, "progress": dict}
+OPTIONAL = {"corpus": (dict, type(None)), "scaler": dict}  # absent from older checkpoints
+CONFIG = {"ntoken": int, "ninp": int, "nhid": int, "nlayers": int, "attn_layers": list,
+          "heads": int, "mem_len": int, "cutoffs": (list, type(None))}
+PROGRESS = {"epoch": int, "i": int, "batch": int, "tokens": int, "steps": int,
+            "best_val": NUMBER, "val_history": list, "optimizer_name": str,
+            "epoch_time": NUMBER}
+RNG = {"numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
+       "numpy_gauss": NUMBER, "torch": torch.Tensor, "cuda": (torch.Tensor, type(None))}
+PROGRESS_OPTIONAL = {"tested": bool}  # absent from older checkpoints
+RNG_OPTIONAL = {"ranks": list}  # every rank's torch states, from a torchrun run
+
+
+def check_dict(value, fields, name, path, optional=None):
+    """InputError naming the first field of dict `value` that is missing, unknown, or not of
+    its type in `fields` ({key: type}); `optional` fields may be absent."""
+    optional = optional or {}
+    for key, kind in fields.items():
+        if key not in value:
+            raise InputError(f"checkpoint {path}: {name}{key} is missing")
+    for key, item in value.items():
+        kind = fields.get(key, optional.get(key))
+        if kind is None:
+            raise InputError(f"checkpoint {path}: unknown field {name}{key}")
+        if not isinstance(item, kind) or (kind is not bool and isinstance(item, bool)):
+            raise InputError(f"checkpoint {path}: {name}{key} is a {type(item).__name__}, not "
+                             f"the expected {getattr(kind, '__name__', kind)}")
+
+
+def check_fields(ckpt, path):
+    """InputError naming the first thing wrong with a checkpoint of this project: a field
+    missing, unknown or of the wrong type, a config the model refuses, weights of the wrong
+    shapes or not finite, a vocabulary that does not fit, and in a last checkpoint (which has
+    the LAST fields too) its progress, random state, carried state and optimizer state."""
+    last = any(key in ckpt for key in LAST)
+    check_dict(ckpt, dict(BEST, **LAST) if last else BEST, "", path, OPTIONAL)
+    check_dict(ckpt["config"], CONFIG, "config.", path)
+    config = ckpt["config"]
+    try:
+        with torch.device("meta"):  # the model's own checks, without allocating it
+            model = SHARNN(**config)
+        model.check_weights(ckpt["model"])
+    except (ValueError, TypeError) as e:
+        raise InputError(f"checkpoint {path}: {first_line(e)}") from None
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in ckpt["model"].values()):
+        raise InputError(f"checkpoint {path}: model holds entries that are not float tensors")
+    if not all(bool(t.isfinite().all()) for t in ckpt["model"].values()):
+        raise InputError(f"checkpoint {path}: the weights are not finite (nan or inf); use an "
+                         f"earlier checkpoint")
+    vocab = ckpt["vocab"]
+    if len(vocab) != config["ntoken"] or not all(isinstance(w, str) for w in vocab):
+        raise InputError(f"checkpoint {path}: vocab is not a list of {config['ntoken']} tokens")
+    if last:
+        check_last(ckpt, model, path)
+
+
+def check_last(ckpt, model, path):
+    """The fields only a last checkpoint has (check_fields)."""
+    check_dict(ckpt["progress"], PROGRESS, "progress.", path, PROGRESS_OPTIONAL)
+    progress = ckpt["progress"]
+    for key in ("epoch", "i", "batch", "tokens", "steps"):
+        if progress[key] < 0:
+            raise InputError(f"checkpoint {path}: progress.{key} is negative ({progress[key]})")
+    check_dict(ckpt["rng"], RNG, "rng.", path, RNG_OPTIONAL)
+    if tuple(ckpt["rng"]["numpy_key"].shape) != (624,):
+        raise InputError(f"checkpoint {path}: rng.numpy_key is not the 624 words of a numpy state")
+    carry, E = ckpt["carry"], ckpt["config"]["ninp"]
+    if carry is not None:
+        check_dict(carry, {"hidden": list, "mems": list}, "carry.", path)
+        n = ckpt["config"]["nlayers"]
+        shapes = [x.shape for h in carry["hidden"] if h is not None for x in h]
+        shapes += [m.shape for m in carry["mems"] if m is not None]
+        if (len(carry["hidden"]) != n or len(carry["mems"]) != n
+                or any(len(s) != 3 or s[-1] != E for s in shapes)
+                or len({s[1] for s in shapes}) > 1):
+            raise InputError(f"checkpoint {path}: carry does not hold the states of {n} blocks of "
+                             f"width {E}")
+    params = [tuple(p.shape) for p in model.parameters()]
+    optimizer = ckpt["optimizer"]
+    try:
+        groups = [i for g in optimizer["param_groups"] for i in g["params"]]
+        states = optimizer["state"].items()
+        good = sorted(groups) == list(range(len(params))) and all(
+            t.dim() == 0 or tuple(t.shape) == params[i]
+            for i, state in states for t in state.values() if isinstance(t, torch.Tensor))
+    except (KeyError, TypeError, AttributeError, IndexError):
+        good = False
+    if not good:
+        raise InputError(f"checkpoint {path}: optimizer does not hold the state of this model's "
+                         f"{len(params)} parameters")
 
 
 def all_finite(module):
@@ -149,8 +233,8 @@ def build_model(config, args, **extra):
         return SHARNN(**kwargs)
     except ValueError as e:
         raise InputError(str(e)) from None
-    except RuntimeError as e:  # the allocator's refusal
-        if "alloc" not in str(e):
+    except RuntimeError as e:
+        if not out_of_memory(e):
             raise
         with torch.device("meta"):  # count without allocating
             n = sum(p.numel() for p in SHARNN(**kwargs).parameters())
@@ -226,11 +310,12 @@ class Progress:
     val_history: list = field(default_factory=list)
     optimizer_name: str = "lamb"
     epoch_time: float = 0.0  # seconds spent on the current epoch so far
+    tested: bool = False    # the final test of a finished run was reported
     hidden: list = None     # carried LSTM states, this rank's columns (not saved as such)
     mems: list = None       # carried attention memories, this rank's columns
 
     SAVED = ("epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
-             "optimizer_name", "epoch_time")
+             "optimizer_name", "epoch_time", "tested")
 
     def advance(self, rows, tokens, step):
         """Count a batch of `rows` stream positions and `tokens` tokens (all ranks), and
@@ -250,12 +335,20 @@ def carried_state(progress, d):
             "mems": [None if m is None else gather_columns(m, d).cpu() for m in progress.mems]}
 
 
-def progress_from(start, args, d, device):
-    """A fresh Progress, or the one of the last checkpoint with this rank's carried state."""
+def progress_from(start, args, d, device, rows):
+    """A fresh Progress, or the one of the last checkpoint with this rank's carried state;
+    `rows` is the length of the training stream it must lie in."""
     if not args.continue_from:
         return Progress(optimizer_name=args.optimizer)
     progress = Progress(**start["progress"])
+    if progress.i > rows - 1:
+        raise InputError(f"checkpoint {args.continue_from}: progress.i ({progress.i}) lies beyond "
+                         f"the training stream ({rows} rows)")
     carry = start["carry"]
+    columns = {x.shape[1] for h in (carry or {}).get("hidden", []) if h is not None for x in h}
+    if columns - {args.batch_size}:
+        raise InputError(f"checkpoint {args.continue_from}: carry holds {columns.pop()} columns, "
+                         f"the run {args.batch_size}")
     if carry is not None:
         cols = d.share(args.batch_size)
         progress.hidden = [None if h is None else tuple(x[:, cols].to(device) for x in h)
@@ -281,10 +374,15 @@ def rng_state(rng, d):
 def restore_training(step, rng, start, d):
     """--continue: the optimizer and loss scaler of the last checkpoint `start`, and its
     random streams."""
-    step.optimizer.load_state_dict(start["optimizer"])
-    if start["scaler"]:
-        step.scaler.load_state_dict(start["scaler"])
-    restore_rng(rng, start["rng"], d)
+    for name, restore in (("optimizer", lambda: step.optimizer.load_state_dict(start["optimizer"])),
+                          ("scaler", lambda: start.get("scaler") and step.scaler.load_state_dict(
+                              start["scaler"])),
+                          ("rng", lambda: restore_rng(rng, start["rng"], d))):
+        try:
+            restore()
+        except (ValueError, TypeError, KeyError, RuntimeError) as e:
+            raise InputError(f"checkpoint {start['path']}: {name} cannot be restored "
+                             f"({first_line(e)})") from None
 
 
 def restore_rng(rng, state, d):
@@ -371,15 +469,18 @@ def save_last(run, progress):
 def convert_pickle(path, out):
     """Unpickle `path` (runs its code: only for trusted files), take the model (the first item
     of the original's [model, criterion, optimizer] list) and write its state_dict to `out`."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder; give the pickled model file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
-    if os.path.exists(out):
-        raise InputError(f"{out} exists; choose another --out")
+    claim([Output("--out", out)], [("the pickled file", path)])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as e:
         raise InputError(f"{path} needs the original code's classes: run this where that code is "
                          f"importable (e.g. PYTHONPATH=path/to/original) ({first_line(e)})") from None
+    except Exception as e:  # a truncated or corrupt file, whatever the unpickler raises
+        raise InputError(f"cannot unpickle {path}: {type(e).__name__}: {first_line(e)}") from None
     model = obj[0] if isinstance(obj, (list, tuple)) and obj else obj
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{path} holds no model (found {type(model).__name__})")

@@ -57,9 +57,17 @@ def _split_files(folder):
         raise InputError(f"{folder}: data folder not found")
     files = {split: folder / f"{split}.txt" for split in SPLITS}
     for path in files.values():
-        if not path.is_file():
+        try:
+            path.stat()  # follows links: a loop or a dangling link fails here
+        except FileNotFoundError:
             raise InputError(f"{path}: split file not found (a corpus folder needs "
-                             f"train.txt, valid.txt and test.txt)")
+                             f"train.txt, valid.txt and test.txt)") from None
+        except OSError as e:
+            raise InputError(f"{path}: {e.strerror} (a split must be a readable file)") from None
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; a split must be a file")
+        if not path.is_file():
+            raise InputError(f"{path} is not a regular file; a split must be a file")
     return files
 
 
@@ -122,12 +130,16 @@ def _load_cache(path, key):
 
 
 def _save_cache(path, state):
-    """Write the cache atomically, first removing what writers killed mid-write left (a
-    concurrent writer's temporary is left alone); an unwritable folder or a full disk just
-    skips it."""
+    """Write the cache atomically; an unwritable folder or a full disk just skips it."""
     with contextlib.suppress(OSError):
-        remove_stale_temporaries(str(path))
         atomic_save(state, str(path))
+
+
+def corpus_files(folder):
+    """The files a corpus folder holds: the splits, their raw bytes and the cache."""
+    folder = Path(folder)
+    return [str(folder / f"{split}.txt{raw}") for split in SPLITS for raw in ("", ".raw")] + \
+        [str(folder / CACHE_NAME)]
 
 
 class Corpus:
@@ -144,6 +156,7 @@ class Corpus:
         key = _cache_key(files, unk)
         cache_path = folder / CACHE_NAME
         state = _load_cache(cache_path, key) if cache else None
+        self._cache_path = cache_path if cache else None
         self._unsaved = None
         if state is None:
             state = _build(files, unk)
@@ -159,7 +172,12 @@ class Corpus:
 
     def write_cache(self):
         """Write the cache built by this load (with ``write_later``, once the caller's checks
-        have passed, so that a refused run leaves nothing behind)."""
+        have passed, so that a refused run leaves nothing behind), and remove the temporary
+        files of cache writers killed mid-write (a live writer's, another run building the
+        same cache, is left alone)."""
+        if self._cache_path:
+            with contextlib.suppress(OSError):
+                remove_stale_temporaries(str(self._cache_path))
         if self._unsaved:
             _save_cache(*self._unsaved)
             self._unsaved = None
@@ -167,15 +185,17 @@ class Corpus:
 
 # --- batching (docs/model.md, Batching) ----------------------------------------------------
 
-def batchify(data, bsz):
+def batchify(data, bsz, name="the data"):
     """[N] ids -> [N // bsz, bsz], same dtype: column j is the j-th contiguous slice of the
-    stream, and the tail that does not fill a whole row is dropped."""
+    stream, and the tail that does not fill a whole row is dropped. `name` says which
+    split, in the error for one too short."""
     if bsz < 1:
         raise InputError(f"batch size must be at least 1, got {bsz}")
     nrows = data.shape[0] // bsz
     if nrows < 2:
-        raise InputError(f"batch size {bsz} is too large for {data.shape[0]} tokens: each of "
-                         f"the {bsz} columns needs at least 2 tokens (one input/target pair)")
+        raise InputError(f"batch size {bsz} is too large for {data.shape[0]} tokens of {name}: "
+                         f"each of the {bsz} columns needs at least 2 tokens (one input/target "
+                         f"pair)")
     return data[: nrows * bsz].reshape(bsz, nrows).t().contiguous()
 
 

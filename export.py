@@ -36,8 +36,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from checkpoint import check_writable, first_line, load_checkpoint, model_from_checkpoint
+from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser
+from outputs import Output, claim
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -65,6 +66,7 @@ def build_parser():
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint written by main.py (with its config and vocabulary)")
     p.add_argument("--output", required=True, help="ONNX file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX operator set version, {MIN_OPSET} to {MAX_OPSET} "
                         f"(default {DEFAULT_OPSET})")
@@ -282,7 +284,8 @@ def check_args(args):
     """Bad flag values and paths, as InputError, before anything is loaded."""
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise InputError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {args.opset}")
-    check_writable(args.output)
+    claim([Output("--output", args.output)], [("the checkpoint", args.checkpoint)],
+          args.overwrite)
 
 
 def load_model(path):

@@ -17,6 +17,17 @@ PAPER = dict(
     optimizer="lamb", lr=2e-3, warmup=800, wdecay=1.2e-6, clip=0.25,
     epochs=32, batch_size=16, bptt=1024, accumulate=1, seed=5512, log_interval=10,
 )
+# Named flag sets (--recipe): each changes these defaults; flags given still win.
+RECIPES = {
+    "paper": ("the paper's enwik8 first pass: the defaults above", {}),
+    "paper-all-heads": ("the paper's model with attention in every block, at batch 8 for a "
+                        "12 GB GPU", dict(attn_layers="all", batch_size=8)),
+    "cpu-small": ("0.87M parameters for a CPU: 2 blocks of 192, bptt 64, no dropout, LAMB "
+                  "4e-3, 1,400 steps with a cooldown over the last 700, one thread",
+                  dict(emsize=192, nhid=384, nlayers=2, mem_len=256, bptt=64, batch_size=16,
+                       dropout=0.0, dropouth=0.0, dropouti=0.0, lr=4e-3, warmup=100, epochs=4,
+                       max_steps=1400, cooldown=700, log_interval=50, threads=1)),
+}
 MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
 TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
@@ -27,7 +38,7 @@ DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2)  # what --dry-run runs
 # Model flags and the config keys they set (the checkpoint's config).
 MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": "heads",
                "mem_len": "mem_len", "attn_layers": "attn_layers", "cutoffs": "cutoffs"}
-NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data")  # flags --continue never takes over
+NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data", "overwrite")  # flags --continue never takes over
 
 
 def launched_rank():
@@ -122,13 +133,21 @@ def add_device_flags(g):
                    help="recompute attention and feed-forward activations in backward to save memory")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help; the recipe list as written."""
+
+
 def build_parser():
     """main.py's flags; every default is the paper's (PAPER)."""
+    recipes = "\n".join(f"  {name:16} {what}" for name, (what, _) in RECIPES.items())
     p = Parser(prog="main.py",
                description="Train and evaluate the SHA-RNN (Merity 2019) language model. "
                            "Defaults reproduce the paper's enwik8 first pass.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               epilog=f"recipes (--recipe NAME):\n{recipes}", formatter_class=HelpFormatter)
     a = p.add_argument
+    a("--recipe", choices=list(RECIPES), default="paper", metavar="NAME",
+      help=f"a named set of flags ({', '.join(RECIPES)}; listed below); flags given "
+           f"override it")
     a("--data", default=PAPER["data"], help="corpus folder with train.txt, valid.txt, test.txt")
     a("--unk", action="store_true", help="map valid/test tokens unseen in train to <unk> "
       "instead of stopping with an error")
@@ -181,6 +200,10 @@ def build_parser():
     g = p.add_argument_group("run")
     add_device_flags(g)
     g.add_argument("--save", default=PAPER["save"], help="best-validation checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --save or --last that is not this run's own (the "
+                        "file it continues, or resumes from as its --save); without it such a "
+                        "file is refused")
     g.add_argument("--last", default=None,
                    help="checkpoint to continue from after a stop; None: SAVE with .last.pt")
     g.add_argument("--save-interval", type=interval_flag, default="30min",
@@ -233,8 +256,42 @@ def parse_args(argv=None, saved=None):
     return parser.parse_args(argv)
 
 
+SEED_RANGE = (0, 2**32 - 1)  # numpy's RandomState takes 32-bit seeds
+
+
+def check_seed(seed):
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise InputError(f"--seed must be between {low} and 2**32 - 1, got {seed}")
+
+
+def check_model_flags(args):
+    """The model's own checks (model.check_config), in the flags' names: a model the flags
+    describe but SHARNN would refuse is an InputError that names the flags."""
+    for flag in ("emsize", "nhid", "nlayers", "heads"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.mem_len < 0:
+        raise InputError(f"--mem-len must be at least 0, got {args.mem_len}")
+    if args.nhid % args.emsize:
+        raise InputError(f"--nhid {args.nhid} must be a multiple of --emsize {args.emsize} "
+                         f"(the feed-forward sums nhid / emsize chunks of width emsize)")
+    if args.emsize % args.heads:
+        raise InputError(f"--emsize {args.emsize} must be divisible by --heads {args.heads}")
+    if isinstance(args.attn_layers, list):
+        bad = [i for i in args.attn_layers if not 0 <= i < args.nlayers]
+        if bad:
+            raise InputError(f"--attn-layers {bad[0]} is not a block of --nlayers {args.nlayers} "
+                             f"(0 to {args.nlayers - 1})")
+    for flag in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
+        value = getattr(args, flag, 0.0)
+        if not 0.0 <= value < 1.0:
+            raise InputError(f"--{flag} must be at least 0 and below 1, got {value}")
+
+
 def check_args(args):
     """Impossible flag values and combinations, as InputError (before anything is loaded)."""
+    check_model_flags(args)
     if args.bptt < 5:
         raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
     minimum = {"--batch_size": 1, "--accumulate": 1, "--log-interval": 1, "--max-nonfinite": 1,
@@ -251,8 +308,9 @@ def check_args(args):
         if not math.isfinite(value) or value < 0 or (value == 0 and flag in positive):
             kind = "a positive finite number" if flag in positive else "a finite number >= 0"
             raise InputError(f"{flag} must be {kind}, got {value}")
-    if not 0 <= args.seed < 2**32:
-        raise InputError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    check_seed(args.seed)
+    if any(epoch < 1 for epoch in args.when):
+        raise InputError(f"--when takes epochs counted from 1, got {min(args.when)}")
     for flag in ("--save", "--last", "--run-dir"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not value.strip():
@@ -267,10 +325,23 @@ def check_args(args):
 
 # --- flags from the checkpoint a run starts from -----------------------------------------
 
-def flags_from(start, args):
-    """The flag values a start checkpoint supplies for flags not given on the command line:
-    all of them for --continue (the same run goes on), the architecture and the data folder
-    for --resume and --eval-only."""
+# What a run was trained with besides its model: --resume and --eval-only take these from
+# the checkpoint when they are not given (the model flags always come from it).
+RUN_SETTINGS = ("data", "unk", "bptt", "batch_size", "dropout", "dropouth", "dropouti",
+                "dropoute", "wdrop", "wdecay", "optimizer", "lr", "warmup", "clip", "when",
+                "nonmono", "accumulate", "seed", "amp", "log_interval", "max_nonfinite",
+                "save_interval")
+# How long it trains: taken from the checkpoint only together, when none of them is given.
+SCHEDULE = ("epochs", "max_steps", "cooldown")
+SHOWN = ("data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth", "dropouti",
+         "dropoute", "wdrop", "epochs", "max_steps", "cooldown")  # the start-up's Settings line
+
+
+def flags_from(start, args, given=()):
+    """The flag values a start checkpoint supplies for flags not given on the command line
+    (`given`, their destinations): all of them for --continue (the same run goes on); for
+    --resume and --eval-only the model (its config), the RUN_SETTINGS it recorded, and its
+    SCHEDULE unless one of those flags is given."""
     if start is None:
         return {}
     if args.continue_from:
@@ -282,9 +353,29 @@ def flags_from(start, args):
     config = start["config"]
     saved = {flag: config[key] for flag, key in MODEL_FLAGS.items()}
     saved["adaptive_softmax"] = config["cutoffs"] is not None
-    if "data" in start.get("args", {}):
-        saved["data"] = start["args"]["data"]
+    recorded = start.get("args", {})
+    carried = RUN_SETTINGS + (SCHEDULE if not set(SCHEDULE) & set(given) else ())
+    saved.update({k: recorded[k] for k in carried if k in recorded})
+    if "save_interval" in saved:
+        saved["save_interval"] = tuple(saved["save_interval"])
     return saved
+
+
+UNSET = object()
+
+
+def given_flags(argv):
+    """The destinations of the flags given on the command line."""
+    parser = build_parser()
+    parser.set_defaults(**{a.dest: UNSET for a in parser._actions if a.dest != "help"})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not UNSET}
+
+
+def settings_line(args, sources):
+    """The start-up line of the settings in effect, each with where it came from."""
+    shown = [f"--{k.replace('_', '-') if k != 'batch_size' else k} {getattr(args, k)} "
+             f"[{sources.get(k, 'default')}]" for k in SHOWN]
+    return "Settings: " + ", ".join(shown)
 
 
 FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
@@ -308,17 +399,22 @@ def changed_flags(args, saved):
 
 def resolve_flags(argv, load_start):
     """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
-    flags not given take the checkpoint's values (all of them for --continue, the
-    architecture and --data for --resume). Returns (args, start checkpoint or None, notes
-    to log once the run starts)."""
-    args = parse_args(argv)
+    flags not given take, in this order, a --recipe's values, the checkpoint's (flags_from)
+    and the defaults. Returns (args, start checkpoint or None, notes to log once the run
+    starts: the Settings line, and the flags a --continue changes)."""
+    args = parse_args(argv)  # first: --help and bad values are answered by the real parser
+    given = given_flags(argv)
     check_args(args)
     start = load_start(args)
-    saved = flags_from(start, args)
-    if saved:
-        args = parse_args(argv, saved)
+    saved = flags_from(start, args, given)
+    recipe = RECIPES[args.recipe][1] if "recipe" in given else {}
+    if saved or recipe:
+        args = parse_args(argv, {**saved, **recipe})
         check_args(args)
-    notes = []  # logged once the run starts
+    sources = {k: "checkpoint" for k in saved}
+    sources.update({k: f"recipe {args.recipe}" for k in recipe})
+    sources.update({k: "given" for k in given})
+    notes = [settings_line(args, sources)]
     if args.continue_from:
         check_continue_flags(args, saved)
         changed = changed_flags(args, saved)

@@ -28,40 +28,18 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import outputs
-from data import Corpus, batchify, get_batch
+from data import Corpus, corpus_files, get_batch
 from dyneval import dynamic_evaluate
-from flags import (DRY_RUN, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
+from flags import (TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
                    resolve_flags)
 from runtime import Dist, Stop, agree, amp_mode, pick_device, setup_distributed
-from tokens import compact_dtype
-from training import (Meter, Step, averaged_weights, build_optimizer, evaluate, lr_at,
-                      make_step, place_model, plan_run, sample_seq_len, train_step)
+from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
+                      check_fits, device_data, evaluate, lr_at, make_step, place_model, plan_run,
+                      sample_seq_len, train_step)
 from utils import LOG2, RunLog, append_json_line, environment, safe_exp, write_json
 
 
 # --- the run -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Limits:
-    """How much of the work a run does, decided once at setup: everything, or a --dry-run's
-    few batches (None: no limit)."""
-    epochs: int
-    train_batches: int = None
-    eval_batches: int = None
-
-    @classmethod
-    def of(cls, args):
-        if args.dry_run:
-            return cls(DRY_RUN["epochs"], DRY_RUN["train_batches"], DRY_RUN["eval_batches"])
-        return cls(args.epochs)
-
-    def note(self, source, bptt):
-        """What an evaluation of `source` covered when it was cut short, to mark its numbers."""
-        if self.eval_batches is None:
-            return ""
-        chunks = len(range(0, source.shape[0] - 1, bptt))
-        return f" | dry run: {min(chunks, self.eval_batches)} of {chunks} chunks"
-
 
 @dataclass
 class Run:
@@ -118,22 +96,6 @@ def progress_bar(run, total, desc, done=0):
 
 class NonFinite(RuntimeError):
     """Too many consecutive non-finite losses."""
-
-
-class SaveTimer:
-    """--save-interval: N optimizer steps, or N minutes, since the last checkpoint."""
-
-    def __init__(self, interval, steps):
-        self.interval, self.unit = interval
-        self.restart(steps)
-
-    def restart(self, steps):
-        self.time, self.steps = time.time(), steps
-
-    def due(self, steps):
-        if self.unit == "min":
-            return time.time() - self.time >= 60 * self.interval
-        return steps - self.steps >= self.interval
 
 
 # --- an epoch ----------------------------------------------------------------------------
@@ -277,8 +239,9 @@ def report(run, kind, name, loss, source):
 
 
 def test(run, progress):
-    """Load the best checkpoint this run wrote (if any) and report test loss/ppl/bpc. A
-    signal during the test (one process) stops it; the checkpoints are already written."""
+    """Load the best checkpoint this run wrote (if any) and report test loss/ppl/bpc; True
+    when reported. A signal during the test (one process) stops it; the checkpoints are
+    already written."""
     if progress.best_val < float("inf"):
         run.model.load_strict(ckpt.load_checkpoint(run.paths["save"])["model"])
     else:
@@ -292,13 +255,14 @@ def test(run, progress):
         bar.close()
     if test_loss is None:
         run.log("The test was stopped by a signal; the checkpoints are written")
-        return
+        return False
     run.log("=" * 89)
     report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
     run.log.metrics(type="test", test_loss=test_loss, test_bpc=test_loss / LOG2, time=time.time())
     if run.args.dynamic_eval:
         report_dynamic(run, run.test_data, TEST_BATCH_SIZE, "test")
+    return True
 
 
 def report_dynamic(run, source, bsz, name):
@@ -323,21 +287,6 @@ def eval_only(run):
 
 # --- setup -------------------------------------------------------------------------------
 
-def device_data(corpus, args, d, device):
-    """The three splits batchified with the global batch sizes, this rank's columns, in a
-    compact dtype on the device: [rows, B_local] each."""
-    dtype = compact_dtype(len(corpus.dictionary))
-
-    def columns(ids, bsz):
-        return batchify(ids.to(dtype), bsz)[:, d.share(bsz)].contiguous().to(device)
-
-    train = columns(corpus.train, args.batch_size)
-    if args.bptt >= train.shape[0] - 1:
-        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
-                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
-    return train, columns(corpus.valid, eval_batch_size(args)), columns(corpus.test, TEST_BATCH_SIZE)
-
-
 def setup(args, start, paths, stop):
     """Load data and weights, and build the Run and its Progress."""
     d, device = setup_distributed(pick_device(args.device))
@@ -353,11 +302,12 @@ def setup(args, start, paths, stop):
     if args.continue_from:
         ckpt.check_same_corpus(start, corpus.fingerprint, args)
     model, config = ckpt.model_for(args, start, corpus)
+    check_fits(config, args.bptt, args.batch_size // d.world, device)
     place_model(model, args, device)
     if d.world > 1:
         torch.manual_seed(args.seed + d.rank)  # distinct dropout masks per rank
     splits = device_data(corpus, args, d, device)
-    progress = ckpt.progress_from(start, args, d, device)
+    progress = ckpt.progress_from(start, args, d, device, splits[0].shape[0])
     net = model if d.world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=config["cutoffs"] is not None)
@@ -366,7 +316,7 @@ def setup(args, start, paths, stop):
         ckpt.restore_training(step, rng, start, d)
     if d.main:
         corpus.write_cache()  # every check has passed
-    log = open_records(args, paths, config, d)
+    log = open_records(args, paths, config, d, stop)
     run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=log,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
@@ -374,25 +324,29 @@ def setup(args, start, paths, stop):
     return run, progress
 
 
-def open_records(args, paths, config, d):
+def open_records(args, paths, config, d, stop):
     """The run log; a new run's folder gets its flags and machine (args.json, env.json),
     and each --continue adds a line to continues.jsonl."""
     writes = not args.eval_only
-    log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
-                 append=bool(args.continue_from))
-    if writes and d.main:
-        flags, env = dict(vars(args), model=config), environment()
-        if args.continue_from:
-            append_json_line(os.path.join(paths["run_dir"], "continues.jsonl"),
-                             {"time": time.time(), "args": flags, "env": env})
-        else:
-            write_json(os.path.join(paths["run_dir"], "args.json"), flags)
-            write_json(os.path.join(paths["run_dir"], "env.json"), env)
+    try:
+        log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
+                     append=bool(args.continue_from), on_failure=stop.records_failed)
+        if writes and d.main:
+            flags, env = dict(vars(args), model=config), environment()
+            if args.continue_from:
+                append_json_line(os.path.join(paths["run_dir"], "continues.jsonl"),
+                                 {"time": time.time(), "args": flags, "env": env})
+            else:
+                write_json(os.path.join(paths["run_dir"], "args.json"), flags)
+                write_json(os.path.join(paths["run_dir"], "env.json"), env)
+    except OSError as e:
+        raise InputError(f"cannot write the run records in {paths['run_dir']}: "
+                         f"{e.strerror or e}") from None
     return log
 
 
 def describe(run, notes):
-    """The start-up lines: notes on the flags, the model, the device, the records."""
+    """The start-up lines: the settings, the model, the device, where the outputs go."""
     args, config = run.args, run.config
     for note in notes:
         run.log(note)
@@ -402,19 +356,45 @@ def describe(run, notes):
             + (f", threads {torch.get_num_threads()}" if run.device.type == "cpu" else "")
             + (f" x {run.d.world} ranks" if run.d.world > 1 else "")
             + f", amp {amp_mode(run.device, args.amp)}")
-    default_dir = os.path.splitext(args.save)[0] + ".run"
-    if not args.continue_from and not args.dry_run and run.paths["run_dir"] != default_dir:
-        run.log(f"Run records in {run.paths['run_dir']} ({default_dir} holds an earlier run)")
+    if run.paths["moved"]:
+        run.log(f"Run records in {run.paths['run_dir']} ({run.paths['moved']} holds an earlier run)")
+    if not args.eval_only:
+        run.log(outputs.outputs_line(run.paths))
+
+
+def finished(run, progress):
+    """--continue of a run with nothing left to train: test it if its test never ended,
+    else say how to train further (the flags to raise); True when there was nothing to do."""
+    args = run.args
+    by_steps = bool(args.max_steps) and progress.steps >= args.max_steps
+    if not (by_steps or progress.epoch >= run.limits.epochs):
+        return False
+    if not progress.tested:
+        run.log("Training is complete; running the final test")
+        return False
+    raise_flags = [("--max-steps", 2 * args.max_steps)] if by_steps else []
+    if progress.epoch >= run.limits.epochs:
+        raise_flags.append(("--epochs", 2 * max(args.epochs, 1)))
+    run.log(f"This run is finished ({progress.epoch} epochs, {progress.steps} optimizer steps) "
+            f"and tested. To train it further, continue it with a higher "
+            f"{' and '.join(f for f, _ in raise_flags)}, e.g. "
+            + outputs.command(run.d.world, "--continue", run.paths["last"],
+                              *[x for f in raise_flags for x in f]))
+    return True
 
 
 def execute(run, progress, notes):
     """Evaluate only, or train then test; returns the exit code."""
     describe(run, notes)
     if run.stop.agree(run.d, run.device):
+        if run.stop.agreed == "records":
+            raise InputError(run.log.failure)
         run.log("Stopped by a signal during start-up; nothing was trained")
         return 0
     if run.args.eval_only:
         eval_only(run)
+        return 0
+    if run.args.continue_from and finished(run, progress):
         return 0
     try:
         ended = train(run, progress)
@@ -422,15 +402,26 @@ def execute(run, progress, notes):
         run.log(f"error: {e}")
         ckpt.save_last(run, progress)
         return 1
+    resume = outputs.command(run.d.world, "--continue", run.paths["last"])
+    if ended == "records":
+        raise InputError(f"{run.log.failure}; training stopped at step {progress.steps} with the "
+                         f"last checkpoint written: free some space, then continue with {resume}")
     if ended == "terminate":
-        run.log(f"Stopped by SIGTERM; continue with --continue {run.paths['last']}")
+        run.log(f"Stopped by SIGTERM; continue with: {resume}")
         return 0
     if ended == "interrupt":
         run.log("-" * 89)
         run.log("Exiting from training early")
-    test(run, progress)
+    if test(run, progress) and ended == "done":
+        progress.tested = True
+        ckpt.save_last(run, progress)
+    run.log(outputs.outputs_line(run.paths))
+    if progress.best_val < float("inf") and run.paths["kept"]:
+        run.log(f"Sample from the best checkpoint: {outputs.sample_command(run.paths)}")
     if ended == "interrupt":
-        run.log(f"Stopped by Ctrl-C; continue with --continue {run.paths['last']}")
+        run.log(f"Stopped by Ctrl-C; continue with: {resume}")
+    if run.log.failure:
+        raise InputError(f"{run.log.failure}; the checkpoints are written")
     return 0
 
 
@@ -443,7 +434,7 @@ def main(argv=None):
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
             if not args.eval_only and launched_rank() == 0:  # rank 0 writes
-                lock = outputs.claim(args, paths, tmp)
+                lock = outputs.claim_run(args, paths, start, corpus_files(args.data), tmp)
             run, progress = setup(args, start, paths, stop)
             try:
                 code = execute(run, progress, notes)

@@ -330,8 +330,9 @@ class SHARNN(nn.Module):
                             for p in ("weight", "bias")}
         self.load_strict({k: v for k, v in state_dict.items() if k not in ignored})
 
-    def load_strict(self, state_dict):
-        """`load_state_dict` with one clear ValueError naming every mismatch."""
+    def check_weights(self, state_dict):
+        """ValueError naming every key of `state_dict` that is missing, unexpected or of
+        another shape than this model's (the model may be on the meta device)."""
         own = self.state_dict()
         problems = []
         missing = [k for k in own if k not in state_dict]
@@ -349,6 +350,10 @@ class SHARNN(nn.Module):
             hint = (f" (the weights have attention in blocks {found}, this model in "
                     f"{self.attn_layers})" if found != self.attn_layers else "")
             raise ValueError("weights do not fit the model: " + "; ".join(problems) + hint)
+
+    def load_strict(self, state_dict):
+        """`load_state_dict` with one clear ValueError naming every mismatch."""
+        self.check_weights(state_dict)
         self.load_state_dict(state_dict)
 
 

@@ -1,112 +1,223 @@
-"""The files a training run writes (--save, --last and the run folder), checked before
-anything is written, and the lock that keeps two runs off the same files."""
+"""The files a script writes, claimed before any work. Every script that writes (main.py,
+export.py, plot.py, prepare.py, checkpoint.py convert-pickle) lists its outputs and inputs
+and calls `claim`: an output that is an input, that another output also names, that is a
+lock file, a folder where a file goes (or the reverse), or that would replace an existing
+file the script does not own, is refused with one line before anything is read or written.
+A training run then locks each of its outputs (PATH.lock), so that no second run writes
+any of them while it lives. No torch here: light scripts (plot.py) claim their outputs too.
+"""
 
 import fcntl
 import os
+import shlex
+import tempfile
+from dataclasses import dataclass
 
-from checkpoint import check_writable
-from utils import remove_stale_temporaries
-from data import CACHE_NAME, SPLITS
 from flags import InputError
+from utils import remove_stale_temporaries
 
 RUN_FILES = ("args.json", "env.json", "log.txt", "metrics.jsonl", "continues.jsonl")
 RECORDS = ("log.txt", "metrics.jsonl")  # a run folder holding these holds a run
 
+
+@dataclass(frozen=True)
+class Output:
+    """One path a script writes."""
+    flag: str              # how the command line names it, for messages: "--save", "OUTDIR"
+    path: str
+    folder: bool = False   # a folder the script makes (and writes into), else a file
+    replaces: bool = False  # may replace an existing file: one the script itself owns
+
+    @property
+    def lock(self):
+        return os.path.normpath(self.path) + ".lock"
+
+
+def real(path):
+    return os.path.realpath(path)
+
+
+def claim(outputs, inputs=(), overwrite=False, locks=False):
+    """InputError unless every output can be written: see the module doc. `inputs` are
+    (description, path) pairs: files and folders the script reads. With `overwrite` an
+    existing file may be replaced; None: the command has no --overwrite. With `locks`, each
+    output's lock file (PATH.lock) is an output of its own that no other output may name."""
+    made = [real(out.path) for out in outputs if out.folder]
+    for out in outputs:
+        check_path(out, made)
+        for what, path in inputs:
+            if real(out.path) == real(path):
+                raise InputError(f"{out.flag} {out.path} is {what}, which this command reads; "
+                                 f"choose another path")
+        if not out.folder and os.path.exists(out.path) and not out.replaces and not overwrite:
+            raise InputError(f"{out.flag} {out.path} exists; choose a new path" +
+                             (", or pass --overwrite to replace it" if overwrite is not None else ""))
+    named = {}
+    for out in outputs:
+        for key in [real(out.path)] + ([real(out.lock)] if locks else []):
+            if key in named:
+                first, second = named[key], out
+                raise InputError(f"{first.flag} {first.path} and {second.flag} {second.path} "
+                                 f"name the same file (a lock file is PATH.lock); give each "
+                                 f"its own")
+            named[key] = out
+
+
+def check_path(out, made=()):
+    """InputError unless `out` can be created: a non-empty path, no folder where a file goes
+    (or the reverse), and a writable folder to put it in (or one of the folders `made`, the
+    resolved folder outputs, which are checked themselves)."""
+    if not out.path.strip():
+        raise InputError(f"{out.flag} is empty; give a path")
+    if out.folder:
+        if os.path.exists(out.path) and not os.path.isdir(out.path):
+            raise InputError(f"{out.flag} {out.path} is a file; it must be a folder")
+        parent = os.path.abspath(out.path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise InputError(f"cannot make {out.flag} {out.path}: {parent} is a file")
+    else:
+        if os.path.isdir(out.path):
+            raise InputError(f"cannot write {out.flag} {out.path}: it is a folder")
+        parent = os.path.dirname(os.path.abspath(out.path))
+        if not os.path.isdir(parent):
+            if any(real(parent) == m or real(parent).startswith(m + os.sep) for m in made):
+                return  # inside a folder output, made before it is written
+            raise InputError(f"cannot write {out.flag} {out.path}: folder {parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write {out.flag} {out.path}: {e.strerror}") from None
+
+
+class Locks:
+    """Exclusive locks on PATH.lock for each output, held as long as the run lives: a second
+    run that would write any of them is refused. The kernel releases them when the process
+    dies, so a kill -9 leaves no stale lock."""
+
+    def __init__(self, outputs):
+        self.held = []
+        try:
+            for out in outputs:
+                self.held.append((self.take(out), out.lock))
+        except BaseException:
+            self.release()
+            raise
+
+    @staticmethod
+    def take(out):
+        while True:
+            fd = os.open(out.lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise InputError(f"another run is writing {out.flag} {out.path} (it holds "
+                                 f"{out.lock}); wait for it to end or choose another "
+                                 f"{out.flag}") from None
+            try:  # the file may have been removed by the run that held it: lock the new one
+                same = os.stat(out.lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def release(self):
+        for fd, path in reversed(self.held):
+            os.remove(path)
+            os.close(fd)
+        self.held = []
+
+
+# --- the outputs of a training run -------------------------------------------------------
 
 def has_records(folder):
     return any(os.path.exists(os.path.join(folder, name)) for name in RECORDS)
 
 
 def plan(args, tmp):
-    """{"save", "last", "run_dir"}: the paths of the flags, or of the temporary folder of a
-    dry run. A new run (not --continue) whose default run folder (SAVE.run) holds another
-    run's records gets the first free SAVE.run.N instead, so that records never mix."""
+    """{"save", "last", "run_dir", "moved", "kept"}: the paths of the flags, or of the
+    temporary folder of a dry run ("kept" False). A new run (not --continue) whose default
+    run folder (SAVE.run) holds another run's records gets the first free SAVE.run.N
+    instead, so that records never mix; "moved" then names the folder it avoided."""
     if tmp:
         return {"save": os.path.join(tmp, "model.pt"), "last": os.path.join(tmp, "last.pt"),
-                "run_dir": os.path.join(tmp, "run")}
+                "run_dir": os.path.join(tmp, "run"), "moved": None, "kept": False}
     stem = os.path.splitext(args.save)[0]
     run_dir = args.run_dir or stem + ".run"
     if not args.run_dir and not args.continue_from:
         n = 2
         while has_records(run_dir):
             run_dir, n = f"{stem}.run.{n}", n + 1
-    return {"save": args.save, "last": args.last or stem + ".last.pt", "run_dir": run_dir}
+    return {"save": args.save, "last": args.last or stem + ".last.pt", "run_dir": run_dir,
+            "moved": stem + ".run" if run_dir != stem + ".run" else None, "kept": True}
 
 
-def data_files(folder):
-    names = [f"{split}.txt" for split in SPLITS] + [f"{split}.txt.raw" for split in SPLITS]
-    return {os.path.realpath(os.path.join(folder, name)) for name in names + [CACHE_NAME]}
+def run_outputs(args, paths, start):
+    """The Outputs of a training run: the best and last checkpoints, the --when snapshots
+    and the run folder with its files. A run may replace its own files: those of the run it
+    continues, the weights it resumes from and, when it resumes from its own --save (the
+    paper's second pass), that run's last checkpoint."""
+    own = set()
+    if args.continue_from:
+        own = {real(args.continue_from)}
+        if real(paths["save"]) == real(start["args"]["save"]):
+            own.add(real(paths["save"]))
+    elif args.resume and real(args.resume) == real(paths["save"]):
+        own = {real(paths["save"]), real(paths["last"])}
 
+    def file(flag, path):
+        return Output(flag, path, replaces=real(path) in own)
 
-def check(paths, args):
-    """InputError unless every output can be written as a file, none is a file of the
-    corpus, and no two outputs are the same file."""
-    flag = {"save": "--save", "last": "--last", "run_dir": "--run-dir"}
-    for key in ("save", "last"):
-        check_writable(paths[key])
     run_dir = paths["run_dir"]
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise InputError(f"--run-dir {run_dir} is a file; the run folder must be a folder")
-    if args.run_dir and not args.continue_from and has_records(run_dir):
-        raise InputError(f"--run-dir {run_dir} holds another run's records; choose a new folder "
-                         f"or continue that run with --continue")
-    outputs = {flag[key]: paths[key] for key in ("save", "last")}
-    outputs.update({f"{run_dir}/{name}": os.path.join(run_dir, name) for name in RUN_FILES})
-    for name, path in outputs.items():
-        if os.path.isdir(path):
-            raise InputError(f"cannot write {path}: it is a folder")
-    corpus = data_files(args.data)
-    seen = {}
-    for name, path in outputs.items():
-        real = os.path.realpath(path)
-        if real in corpus:
-            raise InputError(f"{name} {path} is a file of the corpus {args.data}; refusing to "
-                             f"overwrite it")
-        if real in seen:
-            raise InputError(f"{seen[real]} and {name} name the same file {path}; give each "
-                             f"its own")
-        seen[real] = name
+    outs = [file("--save", paths["save"]), file("--last", paths["last"]),
+            Output("--run-dir", run_dir, folder=True)]
+    outs += [file(f"--save (the --when {e} copy)", f"{paths['save']}.e{e}") for e in args.when]
+    outs += [Output(f"--run-dir's {name}", os.path.join(run_dir, name), replaces=True)
+             for name in RUN_FILES]
+    return outs
 
 
-class RunLock:
-    """An exclusive lock on SAVE.lock for as long as the run lives: a second run with the same
-    --save is refused. The kernel releases it when the process dies, so a kill -9 leaves no
-    stale lock."""
-
-    def __init__(self, save):
-        self.path = save + ".lock"
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise InputError(f"another run is writing {save} (it holds {self.path}); wait for "
-                                 f"it to end or choose another --save") from None
-            try:  # the file may have been removed by the run that held it: lock the new one
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return
-            os.close(fd)
-
-    def release(self):
-        os.remove(self.path)
-        os.close(self.fd)
-
-
-def claim(args, paths, tmp):
-    """Before anything is written: check every output path (a dry run checks the real ones
-    too), then lock --save and clear what an earlier crash left of its temporary files.
-    Returns the lock (None for a dry run)."""
-    check(paths, args)
+def claim_run(args, paths, start, corpus_files, tmp):
+    """Before anything is written: check every output of the run (a dry run checks the
+    real ones too, then writes into its temporary folder), then lock them and clear what an
+    earlier crash left of their temporary files. Returns the Locks (None for a dry run)."""
+    real_paths = plan(args, None) if tmp else paths
+    inputs = [("the corpus folder", args.data)] + [("a corpus file", f) for f in corpus_files]
+    outs = run_outputs(args, real_paths, start)
+    if args.run_dir and not args.continue_from and has_records(real_paths["run_dir"]):
+        raise InputError(f"--run-dir {real_paths['run_dir']} holds another run's records; choose "
+                         f"a new folder or continue that run with --continue")
+    claim(outs, inputs, args.overwrite, locks=True)
     if tmp:
-        check(plan(args, None), args)
         return None
-    lock = RunLock(paths["save"])
+    locks = Locks([out for out in outs[:3]])
     for key in ("save", "last"):
         remove_stale_temporaries(paths[key])
     args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them
-    return lock
+    return locks
+
+
+# --- what a run tells about its outputs --------------------------------------------------
+
+def outputs_line(paths):
+    """Where a run's outputs go (or went)."""
+    if not paths["kept"]:
+        return "Outputs: none kept (--dry-run writes into a temporary folder it removes)"
+    return (f"Outputs: best checkpoint {paths['save']}, last checkpoint {paths['last']} "
+            f"(to continue), run records {paths['run_dir']}/")
+
+
+def command(world, *flags):
+    """The command line of main.py with `flags`, launched as a run of `world` processes."""
+    launcher = "python -u" if world == 1 else f"torchrun --nproc_per_node={world}"
+    script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"))
+    return " ".join([launcher, shlex.quote(script), *map(shlex.quote, map(str, flags))])
+
+
+def sample_command(paths):
+    """How to sample from the best checkpoint."""
+    return f"python generate.py --checkpoint {shlex.quote(paths['save'])} --length 500"

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flags import InputError, Parser
+from outputs import Output, claim
 
 CEILING_QUANTILE = 0.95  # default top of the bpc axis, as a quantile of the plotted bpc
 TRAIN_WIDTH = 1.0
@@ -228,9 +229,13 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:
         return e.code
-    if not os.path.splitext(args.output)[1]:
-        args.output += ".png"
     try:
+        if not os.path.splitext(args.output)[1] and not os.path.isdir(args.output):
+            args.output += ".png"
+        claim([Output("--output", args.output, replaces=True)],  # a plot is redrawn freely
+              [(f"the records of {run}", os.path.join(run, name)) for run in args.runs
+               for name in ("metrics.jsonl", "continues.jsonl")] +
+              [("a run folder", run) for run in args.runs])
         runs = [load_run(p, n) for p, n in zip(args.runs, run_names(args.runs))]
         draw(runs, args.output, args.title, args.ymax)
     except InputError as e:

@@ -20,6 +20,7 @@ import numpy as np
 
 from data import SPLITS
 from flags import InputError
+from outputs import Output, claim
 from tokens import NEWLINE
 from utils import atomic_write
 
@@ -127,6 +128,7 @@ def _held_out_parts(data, split, source):
 
 
 def _prepare_byte_corpus(zip_path, member, out_dir, split):
+    claim_corpus(out_dir, [zip_path])
     with _open_zip(zip_path) as archive:
         data = archive.read(_member(archive.namelist(), member, zip_path))
     _write_splits(out_dir, _held_out_parts(data, split, f"{zip_path}:{member}"), byte_level=True)
@@ -146,6 +148,7 @@ def prepare_text8(zip_path, out_dir, split=5_000_000):
 def prepare_wikitext(zip_path, out_dir):
     """WikiText-2/103 zip -> splits. The tokenised archives (wiki.*.tokens) are copied for
     word level; the raw ones (wiki.*.raw) are written in the byte format (character level)."""
+    claim_corpus(out_dir, [zip_path])
     with _open_zip(zip_path) as archive:
         names = archive.namelist()
         suffix = "tokens" if _find_member(names, "wiki.train.tokens") else "raw"
@@ -157,6 +160,7 @@ def prepare_wikitext(zip_path, out_dir):
 def prepare_ptb(tgz_path, out_dir, char=False):
     """simple-examples.tgz -> Penn Treebank splits: ptb.{split}.txt (word level) or
     ptb.char.{split}.txt (character level), copied as they are."""
+    claim_corpus(out_dir, [tgz_path])
     path = _existing_archive(tgz_path)
     pattern = "ptb.char.{}.txt" if char else "ptb.{}.txt"
     try:
@@ -199,19 +203,21 @@ def read_text(paths):
     return b"".join(path.read_bytes() for path in text_files(paths))
 
 
-def check_new_corpus(out_dir, inputs):
-    """InputError unless OUTDIR can become a new corpus folder: not a file, holding no split
-    yet, and not one of the input folders (or inside one)."""
+def claim_corpus(out_dir, inputs):
+    """Before any work: OUTDIR can become a corpus folder. Its split files (and their .raw
+    bytes) are the outputs, `inputs` the files and folders read: see outputs.claim. A
+    folder whose train.txt exists holds a finished corpus (train.txt is written last) and
+    is refused; the files of an unfinished one (an interrupted run) are written anew."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} is a file; give a folder to write the corpus into")
-    taken = [name for split in SPLITS for name in (f"{split}.txt", f"{split}.txt.raw")
-             if (out / name).exists()]
-    if taken:
-        raise InputError(f"{out / taken[0]} exists; choose a new folder")
+    if (out / "train.txt").exists():
+        raise InputError(f"{out / 'train.txt'} exists: {out} holds a corpus; choose a new folder")
     for path in map(Path, inputs):
         if path.is_dir() and out.resolve().is_relative_to(path.resolve()):
             raise InputError(f"{out} is inside the input folder {path}; write the corpus elsewhere")
+    files = [Output("OUTDIR", str(out / f"{split}.txt{raw}"), replaces=True)
+             for split in SPLITS for raw in ("", ".raw")]
+    claim([Output("OUTDIR", str(out), folder=True)] + files,
+          [("an input", str(path)) for path in inputs])
 
 
 def prepare_text(paths, out_dir, fraction=0.05):
@@ -220,7 +226,7 @@ def prepare_text(paths, out_dir, fraction=0.05):
     bytes, valid = the ``fraction`` before, train = the rest."""
     if not 0 < fraction < 0.5:
         raise InputError(f"--fraction must be between 0 and 0.5, got {fraction}")
-    check_new_corpus(out_dir, paths)
+    claim_corpus(out_dir, paths)
     data = read_text(paths)
     parts = _held_out_parts(data, int(len(data) * fraction), " ".join(map(str, paths)))
     _write_nonempty(out_dir, parts)
@@ -229,7 +235,7 @@ def prepare_text(paths, out_dir, fraction=0.05):
 def prepare_splits(train, valid, test, out_dir):
     """A byte-level corpus folder from three explicit sources (each a file or a folder,
     read as text_files does), used as they are."""
-    check_new_corpus(out_dir, [train, valid, test])
+    claim_corpus(out_dir, [train, valid, test])
     _write_nonempty(out_dir, {split: read_text([path])
                               for split, path in zip(SPLITS, (train, valid, test))})
 

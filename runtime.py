@@ -20,6 +20,12 @@ def pick_device(flag):
                         else "cpu")
 
 
+def out_of_memory(error):
+    """True when `error` is an allocator's refusal (CPU or CUDA)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("alloc" in str(error) or "out of memory" in str(error)))
+
+
 def amp_mode(device, amp):
     """What --amp means on `device`: 'fp16', 'bf16' or 'none' (float32). `auto` is fp16 on
     CUDA and float32 on the CPU."""
@@ -120,10 +126,13 @@ class Stop:
     checkpoint, as the original did; a second Ctrl-C quits at once. SIGTERM (pre-emption):
     stop after the current step, write the last checkpoint, exit 0.
 
+    "records": the run records could not be written (a full disk): stop after the current
+    step, write the last checkpoint, exit 2.
+
     `reason` is what this process received; `agreed` is the ranks' common decision (the
     highest reason of any rank), the only one the run acts on under torchrun."""
 
-    REASONS = (None, "terminate", "interrupt")  # ranks agree on the highest
+    REASONS = (None, "terminate", "interrupt", "records")  # ranks agree on the highest
 
     def __init__(self):
         self.reason = None
@@ -152,6 +161,15 @@ class Stop:
         """Agree with the other ranks on whether (and why) to stop; True when stopping."""
         return self.decide(agree(d, device, self.code)[0])
 
+    def _raise(self, reason):
+        """Keep the highest reason received (the same order the ranks agree in)."""
+        if self.REASONS.index(reason) > self.REASONS.index(self.reason):
+            self.reason = reason
+
+    def records_failed(self):
+        """The run records could not be written: stop, whatever else was asked."""
+        self._raise("records")
+
     def _interrupt(self, signum, frame):
         if self.reason is not None:
             raise KeyboardInterrupt
@@ -159,4 +177,4 @@ class Stop:
         print("stopping after this step (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
 
     def _terminate(self, signum, frame):
-        self.reason = "terminate"
+        self._raise("terminate")

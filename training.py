@@ -6,14 +6,16 @@ and evaluation. main.py trains with these; bench.py times the same step. docs/mo
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from data import get_batch
-from flags import MIN_TRUST
+from data import batchify, get_batch
+from flags import DRY_RUN, MIN_TRUST, TEST_BATCH_SIZE, InputError, eval_batch_size
+from tokens import compact_dtype
 from lamb import Lamb
 from runtime import all_sum, autocast, make_scaler
 
@@ -102,6 +104,92 @@ def plan_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_st
         next_step = -(-batch // accumulate) * accumulate  # the batch of step steps + 1
         first_end = min(first_end, next_step + (max_steps - steps - 1) * accumulate + 1)
     return Plan(first_end, last)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of the work a run does, decided once at setup: everything, or a --dry-run's
+    few batches (None: no limit)."""
+    epochs: int
+    train_batches: int = None
+    eval_batches: int = None
+
+    @classmethod
+    def of(cls, args):
+        if args.dry_run:
+            return cls(DRY_RUN["epochs"], DRY_RUN["train_batches"], DRY_RUN["eval_batches"])
+        return cls(args.epochs)
+
+    def note(self, source, bptt):
+        """What an evaluation of `source` covered when it was cut short, to mark its numbers."""
+        if self.eval_batches is None:
+            return ""
+        chunks = len(range(0, source.shape[0] - 1, bptt))
+        return f" | dry run: {min(chunks, self.eval_batches)} of {chunks} chunks"
+
+
+class SaveTimer:
+    """--save-interval: N optimizer steps, or N minutes, since the last checkpoint."""
+
+    def __init__(self, interval, steps):
+        self.interval, self.unit = interval
+        self.restart(steps)
+
+    def restart(self, steps):
+        self.time, self.steps = time.time(), steps
+
+    def due(self, steps):
+        if self.unit == "min":
+            return time.time() - self.time >= 60 * self.interval
+        return steps - self.steps >= self.interval
+
+
+def device_data(corpus, args, d, device):
+    """The three splits batchified with the global batch sizes, this rank's columns, in a
+    compact dtype on the device: [rows, B_local] each."""
+    dtype = compact_dtype(len(corpus.dictionary))
+
+    def columns(split, bsz):
+        ids = getattr(corpus, split).to(dtype)
+        name = f"the {split} split ({os.path.join(args.data, split + '.txt')})"
+        return batchify(ids, bsz, name)[:, d.share(bsz)].contiguous().to(device)
+
+    train = columns("train", args.batch_size)
+    if args.bptt >= train.shape[0] - 1:
+        raise InputError(f"--bptt {args.bptt} is longer than the training stream "
+                         f"({train.shape[0]} tokens per column at batch size {args.batch_size})")
+    return train, columns("valid", eval_batch_size(args)), columns("test", TEST_BATCH_SIZE)
+
+
+# --- memory ------------------------------------------------------------------------------
+
+def step_bytes(emsize, nhid, nlayers, attn_blocks, heads, mem_len, bptt, batch):
+    """A lower bound of one training step's memory: the activations kept for backward
+    (about 16 floats of width emsize and 2 of width nhid per token and block) and the
+    attention scores of each attention block over its window."""
+    tokens = bptt * batch
+    scores = attn_blocks * batch * heads * bptt * (bptt + mem_len)
+    return 4 * (tokens * nlayers * (16 * emsize + 2 * nhid) + scores)
+
+
+def device_memory(device):
+    """Bytes of memory of the device: the GPU's, or this machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(config, bptt, batch, device):
+    """InputError when one step of the model `config` at bptt x batch cannot fit in the
+    device's memory (step_bytes), before anything is allocated for it."""
+    need = step_bytes(config["ninp"], config["nhid"], config["nlayers"],
+                      len(config["attn_layers"]), config["heads"], config["mem_len"], bptt, batch)
+    have = device_memory(device)
+    if need > have:
+        raise InputError(f"one step at --bptt {bptt} x --batch_size {batch} does not fit in "
+                         f"memory: it needs at least {need / 2**30:,.1f} GiB, "
+                         f"{'the GPU' if device.type == 'cuda' else 'this machine'} has "
+                         f"{have / 2**30:,.1f} GiB; lower --bptt or --batch_size")
 
 
 # --- the optimizer -----------------------------------------------------------------------

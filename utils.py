@@ -1,5 +1,6 @@
 """Small helpers shared by main.py and the scripts: numbers for printing, the one atomic
-file writer, and the run records."""
+file writer, and the run records. torch is imported only where it is used, so that light
+scripts (plot.py) can use the rest."""
 
 import errno
 import fcntl
@@ -11,8 +12,6 @@ import re
 import subprocess
 import sys
 import tempfile
-
-import torch
 
 LOG2 = math.log(2)  # bits per character = loss / LOG2
 
@@ -89,6 +88,7 @@ def atomic_write(path, write):
 
 def atomic_save(obj, path):
     """torch.save `obj` to `path` through atomic_write."""
+    import torch
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -127,10 +127,17 @@ def remove_stale_temporaries(path):
 
 class RunLog:
     """Prints the log lines and keeps the run folder: log.txt (a copy of stdout) and
-    metrics.jsonl (one JSON object per record). Only rank 0 writes (`enabled`)."""
+    metrics.jsonl (one JSON object per record). Only rank 0 writes (`enabled`).
 
-    def __init__(self, run_dir=None, enabled=True, append=False):
+    A record that cannot be written (a full disk) never stops the caller with an error:
+    the records stop there, `failure` says why, and `on_failure()` is called once (main.py
+    then stops the run and writes its last checkpoint)."""
+
+    def __init__(self, run_dir=None, enabled=True, append=False, on_failure=None):
         self.enabled = enabled
+        self.run_dir = run_dir
+        self.failure = None
+        self.on_failure = on_failure
         self.log = self.metrics_file = None
         if enabled and run_dir:
             os.makedirs(run_dir, exist_ok=True)
@@ -142,19 +149,29 @@ class RunLog:
         if not self.enabled:
             return
         print(line, flush=True)
-        if self.log:
-            self.log.write(line + "\n")
-            self.log.flush()
+        self._write(self.log, line + "\n")
 
     def metrics(self, **record):
-        if self.metrics_file:
-            self.metrics_file.write(json.dumps(record) + "\n")
-            self.metrics_file.flush()
+        self._write(self.metrics_file, json.dumps(record) + "\n")
+
+    def _write(self, f, text):
+        if f is None or self.failure:
+            return
+        try:
+            f.write(text)
+            f.flush()
+        except OSError as e:
+            self.failure = f"cannot write the run records in {self.run_dir}: {e.strerror or e}"
+            if self.on_failure:
+                self.on_failure()
 
     def close(self):
         for f in (self.log, self.metrics_file):
             if f:
-                f.close()
+                try:
+                    f.close()
+                except OSError:  # what could not be flushed is already reported
+                    pass
 
 
 def write_json(path, obj):
@@ -170,6 +187,7 @@ def append_json_line(path, obj):
 
 def environment():
     """What the run ran on: Python, torch, CUDA/cuDNN, GPU, git commit."""
+    import torch
     cuda = torch.cuda.is_available()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -230,11 +230,12 @@ def test_length_is_the_exact_number_of_generated_tokens(capsys, ascii_ckpt, word
     for length in (0, 1, 57):  # ASCII bytes: one character per token (<eos> as "\n")
         code, out, err = run_cli(capsys, ascii_ckpt, "--prime", "a cat", "--length", str(length))
         assert code == 0, err
-        assert out.startswith("a cat") and len(out) == len("a cat") + length
+        assert out.startswith("a cat") and len(out) == len("a cat") + length + 1
+        assert out.endswith("\n")  # the output ends with a line break
     code, out, err = run_cli(capsys, word_ckpt, "--prime", "the cat\n", "--length", "40",
                              "--top-k", "5", "--temperature", "0.7")
     assert code == 0, err
-    generated = out[len("the cat\n"):]
+    generated = out[len("the cat\n"):-1]  # without the final line break
     assert out.startswith("the cat\n")
     assert len(generated.split()) + generated.count("\n") == 40
     assert set(generated.split()) <= set(WORDS) - {EOS}
@@ -244,7 +245,7 @@ def test_cli_prints_invalid_bytes_as_replacement_characters(capsys, tmp_path):
     ckpt = save_checkpoint(tmp_path / "ff.pt", BYTES, force="255")
     code, out, err = run_cli(capsys, ckpt, "--prime", "é", "--length", "3")
     assert code == 0, err
-    assert out == "é\ufffd\ufffd\ufffd"
+    assert out == "é\ufffd\ufffd\ufffd\n"
 
 
 def test_out_of_vocabulary_prime_is_a_one_line_error(capsys, byte_ckpt, word_ckpt):
@@ -282,20 +283,24 @@ def test_missing_checkpoint_and_unparsable_flag(capsys, tmp_path):
 def test_prime_from_stdin_completes_a_character_across_the_boundary(tmp_path):
     """The prime's last byte starts "é"; the model always continues with its second byte."""
     ckpt = save_checkpoint(tmp_path / "e9.pt", BYTES, force="169")
-    result = run_script("--checkpoint", ckpt, "--device", "cpu", "--length", "1",
+    result = run_script("--checkpoint", ckpt, "--device", "cpu", "--length", "1", "--prime", "-",
                         stdin="the caf".encode() + b"\xc3")
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode("utf-8") == "the café"
+    assert result.stdout.decode("utf-8") == "the café\n"
 
 
 def test_stdin_prime_matches_flag_prime_and_no_input_starts_from_eos(capsys, byte_ckpt):
     args = ["--checkpoint", byte_ckpt, "--device", "cpu", "--length", "30", "--seed", "4"]
-    piped = run_script(*args, stdin=b"the dog\n")
+    piped = run_script(*args, "--prime", "-", stdin=b"the dog\n")
     assert piped.returncode == 0, piped.stderr.decode()
     assert generate.main([*args, "--prime", "the dog\n"]) == 0
     assert piped.stdout.decode("utf-8") == capsys.readouterr().out
+    # Without --prime -, standard input is not read: it stays the caller's.
+    unread = run_script(*args, stdin=b"the dog\n")
+    assert unread.returncode == 0, unread.stderr.decode()
     empty = run_script(*args, stdin=None)
     assert empty.returncode == 0, empty.stderr.decode()
+    assert unread.stdout == empty.stdout
     assert generate.main([*args, "--prime", "\n"]) == 0
     assert "\n" + empty.stdout.decode("utf-8") == capsys.readouterr().out
 

@@ -13,7 +13,7 @@ from checkpoint import Progress
 from flags import parse_args
 from runtime import Dist
 from conftest import SMALL, run_cli
-from training import Step, averaged_weights, build_optimizer, evaluate, lr_at, sample_seq_len
+from training import Limits, Step, averaged_weights, build_optimizer, evaluate, lr_at, sample_seq_len
 
 LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
                       r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
@@ -66,7 +66,9 @@ def test_dry_run_writes_nothing(capsys, corpus_dir, tmp_path):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), "--dry-run", *SMALL)
     assert code == 0, err
     # Dry-run numbers are marked as such, with how much of the split they cover.
-    end, mark = out.splitlines()[-2].split(" | dry run: ")
+    lines = out.splitlines()
+    end, mark = lines[-3].split(" | dry run: ")
+    assert lines[-1] == "Outputs: none kept (--dry-run writes into a temporary folder it removes)"
     assert "| end of epoch   1 |" in out and END_LINE.search(end)
     assert re.fullmatch(r"2 of \d+ chunks", mark)
     assert set(os.listdir(tmp_path)) - {"data"} == before - {"data"}
@@ -202,7 +204,7 @@ def test_sgd_switches_to_averaged_sgd_and_evaluates_with_the_average(tmp_path):
     step = Step(model, model, optimizer, None, args.clip, torch.device("cpu"), "none")
     run = main.Run(args=args, step=step, config={}, vocab=[], train_data=None, val_data=None,
                    test_data=None, d=Dist(), log=logged.append, rng=None, stop=None,
-                   paths={"save": str(tmp_path / "m.pt")}, limits=main.Limits.of(args),
+                   paths={"save": str(tmp_path / "m.pt")}, limits=Limits.of(args),
                    fingerprint=None)
     progress = Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
     main.end_of_epoch(run, progress, 1.5)  # 1.5 > min(history[:-2]) = 1.0: switch

@@ -99,7 +99,8 @@ def test_threads_flag_sets_torch_threads_and_is_recorded(corpus_dir, tmp_path):
                                 capture_output=True, text=True, timeout=300,
                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
         assert result.returncode == 0, result.stderr
-        assert f", threads {expected}" in result.stdout.splitlines()[0]
+        model_line = next(line for line in result.stdout.splitlines() if line.startswith("Model:"))
+        assert f", threads {expected}" in model_line
     env = json.loads((tmp_path / "m.run" / "env.json").read_text())
     assert env["cpu_threads"] == 1
     result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--threads", "0"],

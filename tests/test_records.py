@@ -85,7 +85,7 @@ def test_progress_bars_on_a_terminal_unless_no_progress(run, tmp_path):
              *SMALL_WITH_PROGRESS]
     shown = run_on_terminal(*flags)
     assert "epoch 1" in shown and "tok/s" in shown and "valid" in shown
-    assert "tok/s" not in run_on_terminal(*flags, "--no-progress")
+    assert "tok/s" not in run_on_terminal(*flags, "--no-progress", "--overwrite")
 
 
 def test_plot_draws_a_real_run(run, tmp_path):

@@ -8,7 +8,7 @@ from training import Step, train_step
 from runtime import Dist, make_scaler
 from conftest import perturb
 from data import batchify, get_batch
-from main import device_data
+from training import device_data
 from tokens import compact_dtype
 from lamb import Lamb
 from model import SHARNN
@@ -39,7 +39,7 @@ def test_mask_is_built_once_and_sliced():
 def test_data_is_compact_on_the_device_and_batches_are_long():
     ids = torch.randint(0, 205, (1000,))
     corpus = SimpleNamespace(train=ids, valid=ids[:500], test=ids[:300], dictionary=range(205))
-    args = SimpleNamespace(batch_size=4, bptt=16)
+    args = SimpleNamespace(batch_size=4, bptt=16, data="corpus")
     data, valid, test = device_data(corpus, args, Dist(), torch.device("cpu"))
     assert data.dtype == valid.dtype == test.dtype == torch.uint8 and data.is_contiguous()
     assert test.shape == (300 // 8, 8)

@@ -51,6 +51,9 @@ def test_a_new_run_tests_only_what_it_wrote_and_keeps_records_apart(corpus_dir, 
     old_save = open(save, "rb").read()
     old_records = digests(tmp_path / "m.run")
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "0", *SMALL)
+    assert code == 2 and "--overwrite" in err  # another run's weights are not replaced silently
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "0", *SMALL,
+                             "--overwrite")
     assert code == 0, err
     assert "This run wrote no best checkpoint" in out and "| End of training | test loss" in out
     assert open(save, "rb").read() == old_save
