@@ -67,3 +67,9 @@ def write_corpus(folder, train, valid, test):
 def corpus_dir(tmp_path):
     """A small English-like byte-level corpus (about 24k training bytes)."""
     return write_corpus(tmp_path / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: the slowest tests (torchrun launches, multi-epoch subprocess runs, "
+                   "torch.compile, ONNX export); python -m pytest -q -m 'not slow' leaves them out")

@@ -59,23 +59,6 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
-def test_kill_9_at_any_moment_leaves_loadable_checkpoints(corpus_dir, tmp_path):
-    save = str(tmp_path / "m.pt")
-    last = str(tmp_path / "m.last.pt")
-    for delay in (0.0, 0.13, 0.41):
-        proc = start("--data", corpus_dir, "--save", save, "--epochs", "50", *SMALL,
-                     "--save-interval", "1", "--log-interval", "10")
-        wait_for(proc, "Saving model" if delay == 0.0 else "| epoch")
-        time.sleep(delay)
-        proc.kill()  # SIGKILL, typically in the middle of writing m.last.pt
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        for path in (save, last):
-            ckpt = checkpoint.load_checkpoint(path)
-            assert ckpt["kind"] == "sha-rnn" and "encoder.weight" in ckpt["model"]
-
-
 # --- exact continuation ------------------------------------------------------------------
 
 @pytest.mark.parametrize("stop_at", ["| epoch   1 |", "end of epoch   1"])
