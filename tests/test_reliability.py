@@ -75,6 +75,9 @@ def test_continue_after_sigterm_ends_with_the_weights_of_an_uninterrupted_run(co
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Stopped by SIGTERM" in out and "End of training" not in out
+    assert out.splitlines()[-1] == (f"Stopped by SIGTERM; continue with: python -u "
+                                    f"{os.path.relpath(os.path.join(ROOT, 'main.py'))} --continue "
+                                    f"{tmp_path / 'run.last.pt'}")
 
     cont = cli("--continue", str(tmp_path / "run.last.pt"))
     assert cont.returncode == 0, cont.stderr

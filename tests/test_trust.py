@@ -153,6 +153,11 @@ def test_a_signal_during_the_final_test_exits_0(corpus_dir, tmp_path, capsys, mo
     assert code == 0, err
     assert "The test was stopped by a signal" in out and "| End of training" not in out
     assert os.path.exists(str(tmp_path / "m.pt")) and os.path.exists(str(tmp_path / "m.last.pt"))
+    monkeypatch.setattr(main, "evaluate", evaluate)
+    code, out, err = run_cli(capsys, "--continue", str(tmp_path / "m.last.pt"))  # the test's turn
+    assert code == 0, err
+    assert "Training is complete; running the final test" in out and "| End of training" in out
+    assert "| epoch" not in out
 
 
 def worker_pids(parent):

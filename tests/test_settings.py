@@ -1,0 +1,169 @@
+"""Settings that follow the checkpoint, named recipes, and runs that say where their
+outputs went and what comes next."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import flags
+import prepare
+from conftest import SMALL, run_cli
+from data import SPLITS
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def settings(out):
+    line = next(line for line in out.splitlines() if line.startswith("Settings: "))
+    return {flag: value for flag, value, _ in re.findall(r"--([\w-]+) (\S+) \[([^\]]+)\]", line)}
+
+
+def sources(out):
+    line = next(line for line in out.splitlines() if line.startswith("Settings: "))
+    return {flag: source for flag, _, source in re.findall(r"--([\w-]+) (\S+) \[([^\]]+)\]", line)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run at bptt 24 and batch 4 with dropout, as a user's small run would be."""
+    import contextlib
+    import io
+
+    from conftest import sentences, write_corpus
+    import main
+    tmp = tmp_path_factory.mktemp("settings")
+    data = write_corpus(tmp / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
+    save = str(tmp / "m.pt")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main.main(["--data", data, "--save", save, *SMALL, "--bptt", "24",
+                          "--dropout", "0.2", "--warmup", "30", "--epochs", "1"])
+    assert code == 0
+    return tmp, data, save, out.getvalue()
+
+
+def bpc(out, name):
+    return re.findall(rf"{name} bpc +([\d.]+)", out)[-1]
+
+
+def test_eval_only_of_a_checkpoint_gives_the_numbers_its_training_printed(trained, capsys):
+    _, _, save, trained_out = trained
+    code, out, err = run_cli(capsys, "--eval-only", "--resume", save, "--no-progress")
+    assert code == 0, err
+    assert bpc(out, "valid") == bpc(trained_out, "valid")
+    assert bpc(out, "test") == bpc(trained_out, "test")
+    shown = settings(out)
+    assert shown["bptt"] == "24" and sources(out)["bptt"] == "checkpoint"
+    assert shown["batch_size"] == "4" and sources(out)["data"] == "checkpoint"
+
+
+def test_resume_takes_the_run_settings_and_says_where_each_came_from(trained, capsys):
+    tmp, _, save, _ = trained
+    code, out, err = run_cli(capsys, "--resume", save, "--save", str(tmp / "ft.pt"),
+                             "--max-steps", "5", "--lr", "1e-3", "--no-progress")
+    assert code == 0, err
+    shown, source = settings(out), sources(out)
+    assert (shown["bptt"], shown["dropout"], shown["warmup"]) == ("24", "0.2", "30")
+    assert source["bptt"] == source["dropout"] == source["warmup"] == "checkpoint"
+    assert (shown["lr"], source["lr"]) == ("0.001", "given")
+    assert (shown["max-steps"], source["max-steps"]) == ("5", "given")
+    assert source["epochs"] == "default"  # the schedule comes from the checkpoint only whole
+    records = metrics(str(tmp / "ft.run"))
+    assert [r["step"] for r in records if r["type"] == "train"] == []  # log interval 50 > 5
+    with open(tmp / "ft.run" / "args.json") as f:
+        recorded = json.load(f)
+    assert (recorded["bptt"], recorded["dropout"], recorded["max_steps"]) == (24, 0.2, 5)
+
+
+def test_the_papers_second_pass_runs_as_its_flags_say():
+    """The second pass repeats every flag of the first and halves --lr: what it resolves to
+    is what its flags alone parse to (the first pass recorded the defaults for the rest)."""
+    first = ("--epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 --data data/enwik8/ "
+             "--save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb --bptt 1024 "
+             "--warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 --batch_size 16").split()
+    second = [*first, "--resume", "ENWIK8.pt"]
+    second[second.index("--epochs") + 1], second[second.index("--seed") + 1] = "5", "125"
+    second[second.index("--lr") + 1] = "1e-3"
+    config = dict(ntoken=205, ninp=1024, nhid=4096, nlayers=4, attn_layers=[2], heads=1,
+                  mem_len=5000, cutoffs=None)
+    start = {"kind": "sha-rnn", "config": config, "args": vars(flags.parse_args(first))}
+    args, _, notes = flags.resolve_flags(second, lambda args: start)
+    assert vars(args) | {"attn_layers": None} == vars(flags.parse_args(second))
+    assert args.attn_layers == [2]  # the checkpoint's config: block 2, as the default
+    assert "--lr 0.001 [given]" in notes[0] and "--bptt 1024 [given]" in notes[0]
+
+
+def test_recipe_cpu_small_trains_exactly_like_its_flag_list(corpus_dir, tmp_path, capsys):
+    spelled = ["--emsize", "192", "--nhid", "384", "--nlayers", "2", "--mem-len", "256",
+               "--bptt", "64", "--batch_size", "16", "--dropout", "0", "--dropouth", "0",
+               "--dropouti", "0", "--lr", "4e-3", "--warmup", "100", "--epochs", "4",
+               "--max-steps", "1400", "--cooldown", "700", "--log-interval", "50",
+               "--threads", "1"]
+    short = ["--max-steps", "6", "--cooldown", "3", "--no-progress"]
+    weights = []
+    for name, recipe in (("a", ["--recipe", "cpu-small"]), ("b", spelled)):
+        code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / f"{name}.pt"),
+                                 *recipe, *short)
+        assert code == 0, err
+        weights.append(torch.load(str(tmp_path / f"{name}.last.pt"), weights_only=True)["model"])
+        if name == "a":
+            assert sources(out)["bptt"] == "recipe cpu-small" and sources(out)["max-steps"] == "given"
+            with open(tmp_path / "a.run" / "args.json") as f:
+                recorded = json.load(f)
+            assert (recorded["recipe"], recorded["emsize"], recorded["max_steps"]) == ("cpu-small", 192, 6)
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_help_lists_every_recipe_with_one_line():
+    text = flags.build_parser().format_help()
+    for name, (what, _) in flags.RECIPES.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(what)}$", text, re.M), name
+
+
+# --- outputs named, next steps said -------------------------------------------------------
+
+def test_a_finished_run_says_so_on_continue_and_trains_further_when_asked(corpus_dir, tmp_path, capsys):
+    save, last = tmp_path / "m.pt", tmp_path / "m.last.pt"
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), *SMALL,
+                             "--max-steps", "20", "--epochs", "3")
+    assert code == 0, err
+    assert f"Outputs: best checkpoint {save}, last checkpoint {last} (to continue), run records " \
+           f"{tmp_path / 'm.run'}/" in out.splitlines()
+    assert out.splitlines()[-1] == f"Sample from the best checkpoint: python generate.py " \
+                                   f"--checkpoint {save} --length 500"
+    before = open(last, "rb").read()
+    code, out, err = run_cli(capsys, "--continue", str(last))
+    assert code == 0, err
+    assert "This run is finished" in out and "--continue" in out and "--max-steps 40" in out
+    assert "| End of training |" not in out and open(last, "rb").read() == before
+    code, out, err = run_cli(capsys, "--continue", str(last), "--max-steps", "30")
+    assert code == 0, err
+    assert "| End of training |" in out
+    assert torch.load(str(last), weights_only=True)["progress"]["steps"] == 30
+
+
+# --- own text as people have it -----------------------------------------------------------
+
+def test_many_files_and_folders_are_read_in_sorted_order(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "b").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"alpha\n" * 50)
+    (src / "b" / "c.txt").write_bytes(b"gamma\n" * 50)
+    (src / "b" / "a.txt").write_bytes(b"beta\n" * 50)
+    (src / ".hidden").write_bytes(b"never\n")
+    (src / "link.txt").symlink_to(src / "a.txt")  # the same file again: read once
+    (tmp_path / "z.txt").write_bytes(b"zeta\n" * 50)
+    out = tmp_path / "corpus"
+    assert prepare.main(["text", str(tmp_path / "z.txt"), str(src), str(out)]) == 0
+    raw = b"".join(open(out / f"{split}.txt.raw", "rb").read() for split in SPLITS)
+    assert raw == b"alpha\n" * 50 + b"beta\n" * 50 + b"gamma\n" * 50 + b"zeta\n" * 50
+    held = int(len(raw) * 0.05)
+    assert open(out / "test.txt.raw", "rb").read() == raw[-held:]  # the last 5%: zeta's end
+    capsys.readouterr()
