@@ -27,9 +27,11 @@ onnx, onnxscript and onnxruntime are optional dependencies, needed only here.
 """
 
 import contextlib
+import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -206,8 +208,9 @@ def lstm_loop_decomposition():
     return register_lstm_while_loop_decomposition()
 
 
-def export_onnx(model, config, path, opset):
-    """Export `model` (eval, float32, CPU) as a ChunkStep graph to `path`."""
+def export_onnx(model, config, path, opset, vocab=None):
+    """Export `model` (eval, float32, CPU) as a ChunkStep graph to `path`, with its
+    vocabulary (id -> token, as JSON) in the model's metadata under "vocab"."""
     step = ChunkStep(model).eval()
     inputs, outputs = io_spec(config)
     with torch.no_grad(), quiet_exporter(), lstm_loop_decomposition():
@@ -218,6 +221,8 @@ def export_onnx(model, config, path, opset):
     if program is None:
         raise ExportFailed("the exporter returned no model")
     name_dims(program.model, inputs + outputs)
+    if vocab is not None:
+        program.model.metadata_props["vocab"] = json.dumps(list(vocab))
     program.save(path)
 
 
@@ -289,24 +294,28 @@ def check_args(args):
 
 
 def load_model(path):
-    """The checkpoint's model (eval mode, float32, CPU) and its config, with the attention
-    blocks as the model resolved them."""
+    """The checkpoint's model (eval mode, float32, CPU), its config, with the attention
+    blocks as the model resolved them, and its vocabulary."""
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt)
-    return model.float().eval(), dict(ckpt["config"], attn_layers=model.attn_layers)
+    return model.float().eval(), dict(ckpt["config"], attn_layers=model.attn_layers), ckpt["vocab"]
 
 
 def run(args):
     """Export, check, and print the one-line summary; the file is removed if a check fails."""
     check_args(args)
     require_onnx()
-    model, config = load_model(args.checkpoint)
-    export_onnx(model, config, args.output, args.opset)
-    try:
-        worst = check_model(args.output, model, config)
-    except ExportFailed:
-        os.remove(args.output)
-        raise
+    model, config, vocab = load_model(args.checkpoint)
+    folder = os.path.dirname(os.path.abspath(args.output))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(args.output) + ".", suffix=".tmp")
+    os.close(fd)
+    try:  # exported and checked beside the output, then put in its place
+        export_onnx(model, config, tmp, args.opset, vocab)
+        worst = check_model(tmp, model, config)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     inputs, outputs = io_spec(config)
     size = os.path.getsize(args.output) / 2**20
     print(f"wrote {args.output} ({size:.1f} MiB, opset {args.opset}; onnxruntime matches torch "

@@ -92,16 +92,33 @@ def number(record, key):
     return float(value)
 
 
-def curve(records, kind, bpc_key, start):
-    """(tokens, hours since `start`, bpc) of the records of one type that have all three."""
+def curve(records, kind, bpc_key, clock):
+    """(tokens, hours on `clock`, bpc) of the records of one type that have all three."""
     points = []
     for r in records:
         if r.get("type") != kind:
             continue
         tokens, t, bpc = number(r, "tokens"), number(r, "time"), number(r, bpc_key)
         if None not in (tokens, t, bpc):
-            points.append((tokens, (t - start) / 3600, bpc))
+            points.append((tokens, clock(t) / 3600, bpc))
     return points
+
+
+def running_clock(times, starts):
+    """A function from a record's time to the seconds the run had been running by then:
+    counted from its first record, leaving out each pause between a stop and a --continue
+    (from the last record before the continue's start, `starts`, to that start)."""
+    first = min(times, default=0.0)
+    pauses = []
+    for start in sorted(starts):
+        before = [t for t in times if t < start]
+        if before:
+            pauses.append((start, start - max(before)))
+
+    def clock(t):
+        return t - first - sum(pause for start, pause in pauses if start <= t)
+
+    return clock
 
 
 def load_run(path, name):
@@ -116,9 +133,10 @@ def load_run(path, name):
     except OSError as e:
         raise InputError(f"{metrics}: {e.strerror}") from None
     times = [t for t in (number(r, "time") for r in records) if t is not None]
-    start = min(times, default=0.0)
-    run = Run(name, curve(records, "train", "bpc", start),
-              curve(records, "valid", "valid_bpc", start))
+    continues = os.path.join(path, "continues.jsonl")
+    starts = [number(r, "time") for r in read_records(continues)] if os.path.isfile(continues) else []
+    clock = running_clock(times, [s for s in starts if s is not None])
+    run = Run(name, curve(records, "train", "bpc", clock), curve(records, "valid", "valid_bpc", clock))
     if not run.train and not run.valid:
         raise InputError(f"{metrics}: no train or valid records yet")
     tests = [b for b in (number(r, "test_bpc") for r in records if r.get("type") == "test")
@@ -203,7 +221,7 @@ def draw(runs, output, title=None, ymax=None):
         draw_run(axes, run, colour)
     axes[0].set_xlabel("tokens seen")
     axes[0].xaxis.set_major_formatter(EngFormatter())
-    axes[1].set_xlabel("wall-clock hours since the run's first record")
+    axes[1].set_xlabel("wall-clock hours of training (pauses before a --continue left out)")
     axes[0].set_ylabel("bpc (bits per character)")
     axes[1].tick_params(labelleft=True)
     limits = bpc_limits(runs, ymax)

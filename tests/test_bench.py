@@ -122,8 +122,15 @@ def run_bench(*extra):
 
 def test_cli_train_prints_the_train_line_last():
     lines = run_bench()
-    assert any(line.startswith("device: CPU") for line in lines)
+    cpu = [line for line in lines if line.startswith("device: CPU")]
+    assert len(cpu) == 1 and cpu[0].endswith(bench.bf16_support(bench.cpu_flags()))
     assert re.fullmatch("train: " + RESULT, lines[-1]), lines[-1]
+
+
+def test_the_cpu_line_says_whether_bf16_runs_in_hardware():
+    assert bench.bf16_support({"sse2", "avx512_bf16"}) == "bf16 in hardware (AVX-512 BF16)"
+    assert bench.bf16_support({"amx_bf16", "avx512_bf16"}) == "bf16 in hardware (AVX-512 BF16, AMX-BF16)"
+    assert "slower than float32" in bench.bf16_support({"avx2", "avx512f"})
 
 
 def test_cli_eval_prints_the_eval_line_last():

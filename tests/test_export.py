@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def run_stream(ckpt, onnx_path, chunks, batch, seed):
     """Feed consecutive chunks of the given lengths to the torch model (carrying hidden and
     mems) and to the ONNX graph (feeding its state outputs back in); return the largest
     difference of any output and the memory lengths after each chunk."""
-    model, config = export.load_model(ckpt)
+    model, config, _ = export.load_model(ckpt)
     inputs, outputs = export.io_spec(config)
     session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     state = {p.name: np.zeros([0 if d == "M" else batch if d == "B" else d for d in p.shape],
@@ -82,6 +83,13 @@ def test_main_prints_one_line_naming_the_file_and_ports(exported):
     assert len(lines) == 1 and lines[0].startswith(f"wrote {out} ")
     for name in ("tokens", "h0", "c2", "mem0", "mem2", "logits", "new_h1", "new_c0", "new_mem2"):
         assert f"{name} " in lines[0]
+
+
+def test_the_onnx_file_carries_its_vocabulary(exported):
+    ckpt, out, _ = exported
+    session = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"])
+    vocab = json.loads(session.get_modelmeta().custom_metadata_map["vocab"])
+    assert vocab == torch.load(ckpt, weights_only=True)["vocab"] == [f"t{i}" for i in range(CONFIG["ntoken"])]
 
 
 def test_graph_interface(exported):

@@ -128,6 +128,20 @@ def test_load_run(finished_run, continued_run):
     assert continued.valid[2][1] > 24
 
 
+def test_the_clock_leaves_out_the_pause_before_a_continue(continued_run):
+    """continues.jsonl says when the continued run started: the day between the first run's
+    last record and that start is not training time."""
+    with open(os.path.join(continued_run, "continues.jsonl"), "w") as f:
+        f.write(json.dumps({"time": 1.7e9 + 86400 - 30}) + "\n")
+    run = plot.load_run(continued_run, "SMALL.run")
+    first_run_end = run.valid[1][1]  # the first run's last record, end of epoch 2
+    first_after = run.train[2 * BATCHES_PER_EPOCH // LOG_INTERVAL][1]  # the continue's first
+    assert first_after == pytest.approx(first_run_end + (30 + LOG_INTERVAL * 0.3) / 3600)
+    assert run.valid[3][1] < 2  # hours of training, not the day that passed
+    hours = [p[1] for p in run.train]
+    assert hours == sorted(hours)
+
+
 def test_default_ymax_keeps_each_runs_last_point(finished_run, tmp_path):
     start = dict(type="train", tokens=3_276_800, time=1.7e9, bpc=3.9)
     early = plot.load_run(write_run(tmp_path / "EARLY.run", [start]), "EARLY.run")
