@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import modelfolder
 from flags import MODEL_FLAGS, InputError
 from outputs import Output, claim
 from model import SHARNN, attention_blocks, attn_layers_in
@@ -49,7 +50,15 @@ def load_checkpoint(path):
     Returns a dict with "kind": "sha-rnn" (a checkpoint of this project: model, config,
     vocab, ...) or "state_dict" (bare weights, e.g. written by the original code, under
     "model"). Raises InputError for a missing, truncated, corrupt, pickled-object or
-    unrecognised file."""
+    unrecognised file. A model folder (modelfolder.py) loads as a checkpoint of this
+    project."""
+    if os.path.isdir(path):
+        obj = modelfolder.read(path)
+        if obj["format"] != FORMAT:
+            raise InputError(f"{path}/config.json describes a model of format {obj['format']!r}, "
+                             f"not one of this project")
+        check_fields(obj, path)
+        return dict(obj, kind="sha-rnn", path=path)
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} does not exist")
     try:
@@ -442,11 +451,22 @@ def write_collectively(run, make, path):
 def save_best(run, progress, val_loss):
     """The best-validation checkpoint; True when written."""
     written = write_collectively(run, lambda: base_checkpoint(
-        run, {"valid_loss": val_loss, "valid_bpc": val_loss / LOG2, "epoch": progress.epoch + 1}),
+        run, {"valid_loss": val_loss, "valid_bpc": val_loss / LOG2, "epoch": progress.epoch + 1,
+              "steps": progress.steps, "tokens": progress.tokens}),
         run.paths["save"])
     run.log("Saving model (new best validation)" if written else
             "Not saving: the weights are not finite")
     return written
+
+
+def record_test(run, test_loss):
+    """Add the test result to the metrics of the best checkpoint (just tested)."""
+    def make():
+        ckpt = torch.load(run.paths["save"], map_location="cpu", weights_only=True)
+        ckpt["metrics"].update(test_loss=test_loss, test_bpc=test_loss / LOG2)
+        return ckpt
+
+    write_collectively(run, make, run.paths["save"])
 
 
 def save_last(run, progress):

@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+import modelfolder
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser
 from outputs import Output, claim
@@ -63,12 +64,18 @@ class ExportFailed(RuntimeError):
 
 
 def build_parser():
-    p = Parser(description="Export a SHA-RNN checkpoint to ONNX: one chunk step with the LSTM "
-                           "states and attention memories as explicit inputs and outputs.")
+    p = Parser(description="Export a SHA-RNN checkpoint to ONNX (one chunk step with the LSTM "
+                           "states and attention memories as explicit inputs and outputs), or as "
+                           "a model folder of model.safetensors and config.json.")
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint written by main.py (with its config and vocabulary)")
-    p.add_argument("--output", required=True, help="ONNX file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+                   help="checkpoint written by main.py (with its config and vocabulary), or a "
+                        "model folder")
+    p.add_argument("--format", choices=("onnx", "safetensors"), default="onnx",
+                   help="onnx: one file; safetensors: a folder with model.safetensors (the "
+                        "weights, no pickle) and config.json (default onnx)")
+    p.add_argument("--output", required=True,
+                   help="ONNX file to write, or the folder for --format safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace what --output holds")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX operator set version, {MIN_OPSET} to {MAX_OPSET} "
                         f"(default {DEFAULT_OPSET})")
@@ -289,8 +296,10 @@ def check_args(args):
     """Bad flag values and paths, as InputError, before anything is loaded."""
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise InputError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {args.opset}")
-    claim([Output("--output", args.output)], [("the checkpoint", args.checkpoint)],
-          args.overwrite)
+    outs = [Output("--output", args.output, folder=args.format == "safetensors")]
+    if args.format == "safetensors":
+        outs += [Output("--output", path) for path in modelfolder.files(args.output)]
+    claim(outs, [("the checkpoint", args.checkpoint)], args.overwrite)
 
 
 def load_model(path):
@@ -304,6 +313,11 @@ def load_model(path):
 def run(args):
     """Export, check, and print the one-line summary; the file is removed if a check fails."""
     check_args(args)
+    if args.format == "safetensors":
+        modelfolder.write(load_checkpoint(args.checkpoint), args.output)
+        weights, config = modelfolder.files(args.output)
+        print(f"wrote {weights} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {config}")
+        return
     require_onnx()
     model, config, vocab = load_model(args.checkpoint)
     folder = os.path.dirname(os.path.abspath(args.output))

@@ -232,6 +232,10 @@ def build_parser():
                    help="log every N batches")
     g.add_argument("--max-nonfinite", type=int, default=100,
                    help="stop after this many consecutive non-finite losses")
+    g.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the training, validation and test scalars as TensorBoard "
+                        "events into DIR, by optimizer step (needs: pip install tensorboard); "
+                        "view them with tensorboard --logdir DIR")
     g.add_argument("--run-dir", default=None,
                    help="folder for args.json, env.json, log.txt, metrics.jsonl; None: SAVE with .run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -311,7 +315,7 @@ def check_args(args):
     check_seed(args.seed)
     if any(epoch < 1 for epoch in args.when):
         raise InputError(f"--when takes epochs counted from 1, got {min(args.when)}")
-    for flag in ("--save", "--last", "--run-dir"):
+    for flag in ("--save", "--last", "--run-dir", "--tensorboard"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not value.strip():
             raise InputError(f"{flag} is empty; give a file path")

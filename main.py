@@ -259,19 +259,22 @@ def test(run, progress):
     run.log("=" * 89)
     report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
-    run.log.metrics(type="test", test_loss=test_loss, test_bpc=test_loss / LOG2, time=time.time())
+    if progress.best_val < float("inf"):
+        ckpt.record_test(run, test_loss)
+    run.log.metrics(type="test", step=progress.steps, test_loss=test_loss,
+                    test_bpc=test_loss / LOG2, time=time.time())
     if run.args.dynamic_eval:
-        report_dynamic(run, run.test_data, TEST_BATCH_SIZE, "test")
+        report_dynamic(run, run.test_data, TEST_BATCH_SIZE, "test", progress.steps)
     return True
 
 
-def report_dynamic(run, source, bsz, name):
+def report_dynamic(run, source, bsz, name, steps=0):
     args = run.args
     loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt,
                                run.step.autocast(), args.dyn_lr, args.dyn_decay, args.dyn_eps,
                                args.dyn_stat_batches, max_batches=run.limits.eval_batches)
     report(run, "dynamic eval", name, loss, source)
-    run.log.metrics(type=f"dynamic_{name}", loss=loss, bpc=loss / LOG2, time=time.time())
+    run.log.metrics(type=f"dynamic_{name}", step=steps, loss=loss, bpc=loss / LOG2, time=time.time())
 
 
 def eval_only(run):
@@ -316,7 +319,7 @@ def setup(args, start, paths, stop):
         ckpt.restore_training(step, rng, start, d)
     if d.main:
         corpus.write_cache()  # every check has passed
-    log = open_records(args, paths, config, d, stop)
+    log = open_records(args, paths, config, d, stop, progress.steps)
     run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=log,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
@@ -324,13 +327,15 @@ def setup(args, start, paths, stop):
     return run, progress
 
 
-def open_records(args, paths, config, d, stop):
-    """The run log; a new run's folder gets its flags and machine (args.json, env.json),
-    and each --continue adds a line to continues.jsonl."""
+def open_records(args, paths, config, d, stop, steps):
+    """The run log (and --tensorboard's events from step `steps` + 1); a new run's folder
+    gets its flags and machine (args.json, env.json), and each --continue adds a line to
+    continues.jsonl."""
     writes = not args.eval_only
     try:
         log = RunLog(paths["run_dir"] if writes else None, enabled=d.main,
-                     append=bool(args.continue_from), on_failure=stop.records_failed)
+                     append=bool(args.continue_from), on_failure=stop.records_failed,
+                     tensorboard=paths["tensorboard"] if writes else None, first_step=steps + 1)
         if writes and d.main:
             flags, env = dict(vars(args), model=config), environment()
             if args.continue_from:

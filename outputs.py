@@ -8,6 +8,7 @@ any of them while it lives. No torch here: light scripts (plot.py) claim their o
 """
 
 import fcntl
+import importlib.util
 import os
 import shlex
 import tempfile
@@ -145,7 +146,8 @@ def plan(args, tmp):
     instead, so that records never mix; "moved" then names the folder it avoided."""
     if tmp:
         return {"save": os.path.join(tmp, "model.pt"), "last": os.path.join(tmp, "last.pt"),
-                "run_dir": os.path.join(tmp, "run"), "moved": None, "kept": False}
+                "run_dir": os.path.join(tmp, "run"), "moved": None, "kept": False,
+                "tensorboard": args.tensorboard and os.path.join(tmp, "tensorboard")}
     stem = os.path.splitext(args.save)[0]
     run_dir = args.run_dir or stem + ".run"
     if not args.run_dir and not args.continue_from:
@@ -153,7 +155,8 @@ def plan(args, tmp):
         while has_records(run_dir):
             run_dir, n = f"{stem}.run.{n}", n + 1
     return {"save": args.save, "last": args.last or stem + ".last.pt", "run_dir": run_dir,
-            "moved": stem + ".run" if run_dir != stem + ".run" else None, "kept": True}
+            "moved": stem + ".run" if run_dir != stem + ".run" else None, "kept": True,
+            "tensorboard": args.tensorboard}
 
 
 def run_outputs(args, paths, start):
@@ -178,6 +181,8 @@ def run_outputs(args, paths, start):
     outs += [file(f"--save (the --when {e} copy)", f"{paths['save']}.e{e}") for e in args.when]
     outs += [Output(f"--run-dir's {name}", os.path.join(run_dir, name), replaces=True)
              for name in RUN_FILES]
+    if paths["tensorboard"]:
+        outs.append(Output("--tensorboard", paths["tensorboard"], folder=True))
     return outs
 
 
@@ -191,6 +196,8 @@ def claim_run(args, paths, start, corpus_files, tmp):
     if args.run_dir and not args.continue_from and has_records(real_paths["run_dir"]):
         raise InputError(f"--run-dir {real_paths['run_dir']} holds another run's records; choose "
                          f"a new folder or continue that run with --continue")
+    if args.tensorboard:
+        check_tensorboard(args.tensorboard, new=not args.continue_from)
     claim(outs, inputs, args.overwrite, locks=True)
     if tmp:
         return None
@@ -199,6 +206,18 @@ def claim_run(args, paths, start, corpus_files, tmp):
         remove_stale_temporaries(paths[key])
     args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them
     return locks
+
+
+def check_tensorboard(folder, new):
+    """--tensorboard: the optional package is installed, and a new run's folder holds no
+    other run's events (their curves would mix)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    events = os.path.isdir(folder) and any(name.startswith("events.out.tfevents")
+                                           for name in os.listdir(folder))
+    if new and events:
+        raise InputError(f"--tensorboard {folder} holds another run's events; choose a new "
+                         f"folder (tensorboard --logdir on their parent shows both)")
 
 
 # --- what a run tells about its outputs --------------------------------------------------

@@ -133,17 +133,20 @@ class RunLog:
     the records stop there, `failure` says why, and `on_failure()` is called once (main.py
     then stops the run and writes its last checkpoint)."""
 
-    def __init__(self, run_dir=None, enabled=True, append=False, on_failure=None):
+    def __init__(self, run_dir=None, enabled=True, append=False, on_failure=None,
+                 tensorboard=None, first_step=1):
         self.enabled = enabled
         self.run_dir = run_dir
         self.failure = None
         self.on_failure = on_failure
-        self.log = self.metrics_file = None
+        self.log = self.metrics_file = self.board = None
         if enabled and run_dir:
             os.makedirs(run_dir, exist_ok=True)
             mode = "a" if append else "w"
             self.log = open(os.path.join(run_dir, "log.txt"), mode, encoding="utf-8")
             self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), mode, encoding="utf-8")
+        if enabled and tensorboard:
+            self.board = Board(tensorboard, first_step)
 
     def __call__(self, line=""):
         if not self.enabled:
@@ -153,6 +156,8 @@ class RunLog:
 
     def metrics(self, **record):
         self._write(self.metrics_file, json.dumps(record) + "\n")
+        if self.board:
+            self.board.add(record)
 
     def _write(self, f, text):
         if f is None or self.failure:
@@ -166,12 +171,41 @@ class RunLog:
                 self.on_failure()
 
     def close(self):
-        for f in (self.log, self.metrics_file):
+        for f in (self.log, self.metrics_file, self.board):
             if f:
                 try:
                     f.close()
                 except OSError:  # what could not be flushed is already reported
                     pass
+
+
+class Board:
+    """The scalars of the run records as TensorBoard events (torch.utils.tensorboard), at
+    the optimizer step of each record: train loss, bpc, learning rate, gradient norm before
+    clipping and tokens/s per log interval; valid loss and bpc per validation; test loss and
+    bpc at the end. A run continued from step S starts at S + 1 and hides (TensorBoard's
+    purge_step) what the stopped run had logged after its last checkpoint, so the curves go
+    on without a jump or a duplicate."""
+
+    TAGS = {"train": ("loss", "bpc", "lr", "grad_norm", "tokens_per_s"),
+            "valid": ("valid_loss", "valid_bpc"), "test": ("test_loss", "test_bpc"),
+            "dynamic_test": ("loss", "bpc"), "dynamic_valid": ("loss", "bpc")}
+
+    def __init__(self, folder, first_step=1):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(folder, purge_step=first_step if first_step > 1 else None)
+
+    def add(self, record):
+        kind = record.get("type")
+        for key in self.TAGS.get(kind, ()):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                name = key.removeprefix(kind + "_")
+                self.writer.add_scalar(f"{kind}/{name}", value, record["step"],
+                                       walltime=record.get("time"))
+
+    def close(self):
+        self.writer.close()
 
 
 def write_json(path, obj):

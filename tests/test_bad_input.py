@@ -7,6 +7,7 @@ import collections
 import contextlib
 import hashlib
 import io
+import json
 import os
 import pickle
 from types import SimpleNamespace
@@ -97,8 +98,50 @@ def world(tmp_path_factory):
     root.joinpath("nothing").mkdir()
     root.joinpath("half").mkdir()
     root.joinpath("half", "valid.txt.raw").write_bytes(b"partial")
+    root.joinpath("tb-other").mkdir()
+    root.joinpath("tb-other", "events.out.tfevents.1.host").write_bytes(b"events")
     broken_checkpoints(w)
+    broken_folders(w)
     return w
+
+
+def broken_folders(w):
+    """Model folders (export.py --format safetensors) broken in one way each."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    good = w.p("good-model")
+    assert quietly(export.main, ["--checkpoint", w.good, "--format", "safetensors",
+                                 "--output", good]) == 0
+    w.folders = {}
+
+    def variant(name, change):
+        path = w.p(f"model {name}")
+        shutil.copytree(good, path)
+        change(path)
+        w.folders[name] = path
+
+    def shapes(path):
+        tensors = load_file(os.path.join(path, "model.safetensors"))
+        tensors["encoder.weight"] = torch.zeros(3, 16)
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+
+    def rewrite(change):
+        def apply(path):
+            with open(os.path.join(path, "config.json")) as f:
+                description = json.load(f)
+            change(description)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(description, f)
+        return apply
+
+    variant("without weights", lambda p: os.remove(os.path.join(p, "model.safetensors")))
+    variant("config not json", lambda p: open(os.path.join(p, "config.json"), "w").write("{oops"))
+    variant("config of another model", lambda p: open(os.path.join(p, "config.json"), "w").write(
+        json.dumps({"model_type": "gpt2", "n_layer": 12})))
+    variant("format version 2", rewrite(lambda d: d.update(format_version=2)))
+    variant("wrong shapes", shapes)
+    variant("garbage weights", lambda p: open(os.path.join(p, "model.safetensors"), "wb").write(
+        b"\xff" * 64))
 
 
 def broken_checkpoints(w):
@@ -206,6 +249,17 @@ def main_cases(w):
             ("short vocabulary", "vocab"), ("nan weights", "not finite"),
             ("metrics a list", "metrics is a list"))},
         "eval-only: wrong shape": (["--eval-only", "--resume", b["wrong shape"]], "encoder.weight"),
+        "tensorboard folder of another run": ([*new, "--tensorboard", w.p("tb-other")], "another run"),
+        "tensorboard is a file": ([*new, "--tensorboard", w.p("afile")], "--tensorboard"),
+        "tensorboard is empty": ([*new, "--tensorboard", ""], "--tensorboard"),
+        "unknown recipe": ([*new, "--recipe", "gpu-huge"], "cpu-small"),
+        **{f"resume a model folder {name}": ([*new, "--resume", w.folders[name]], needle)
+           for name, needle in (("without weights", "model.safetensors"),
+                                ("config not json", "not JSON"),
+                                ("config of another model", "format"),
+                                ("format version 2", "format_version"),
+                                ("wrong shapes", "encoder.weight"),
+                                ("garbage weights", "safetensors"))},
         **{f"continue: {name}": (["--continue", b[name], *last], needle) for name, needle in (
             ("no steps", "progress.steps is missing"), ("position beyond the data", "progress.i"),
             ("string epoch", "progress.epoch is a str"),
@@ -227,6 +281,18 @@ def script_cases(w):
         "generate: nan weights": ("generate", ["--checkpoint", b["nan weights"]], "not finite"),
         "generate: no layers": ("generate", ["--checkpoint", b["no layers"]], "nlayers"),
         "generate: string ninp": ("generate", ["--checkpoint", b["string ninp"]], "config.ninp"),
+        "generate: folder without weights": ("generate", ["--checkpoint",
+                                                          w.folders["without weights"]],
+                                             "model.safetensors"),
+        "export: folder of another model": ("export", ["--checkpoint",
+                                                      w.folders["config of another model"],
+                                                      "--output", w.p("x.onnx")], "format"),
+        "export: folder output exists": ("export", ["--checkpoint", w.good, "--format",
+                                                    "safetensors", "--output", w.p("good-model")],
+                                         "--overwrite"),
+        "export: folder output is a file": ("export", ["--checkpoint", w.good, "--format",
+                                                       "safetensors", "--output", w.p("afile")],
+                                            "is a file"),
         "export: output is the checkpoint": ("export", ["--checkpoint", w.good, "--output", w.good],
                                              "the checkpoint"),
         "export: output exists": ("export", ["--checkpoint", w.good, "--output", w.p("exists.pt")],
@@ -286,6 +352,7 @@ SCRIPTS = {"main": main.main, "generate": generate.main, "export": export.main,
 class Names:
     """A stand-in world whose every path is "": lists the case names at collection time."""
     broken = collections.defaultdict(str)
+    folders = collections.defaultdict(str)
 
     def __getattr__(self, name):
         return ""
