@@ -8,6 +8,7 @@ where those numbers live. docs/model.md describes what they control.
 import argparse
 import math
 import os
+import re
 
 # The paper's enwik8 first pass, every hyper-parameter in one place.
 PAPER = dict(
@@ -28,6 +29,10 @@ RECIPES = {
                        dropout=0.0, dropouth=0.0, dropouti=0.0, lr=4e-3, warmup=100, epochs=4,
                        max_steps=1400, cooldown=700, log_interval=50, threads=1)),
 }
+# What a --budget changes in a recipe: by budget (up to SECONDS: flags), and the share of
+# the run's optimizer steps its cooldown takes (docs/small-models.md measures cpu-small's).
+BUDGET_RULES = {"cpu-small": [(math.inf, {})]}
+COOLDOWN_SHARE = {"paper": 0.2, "paper-all-heads": 0.2, "cpu-small": 0.5}
 MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
 TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
@@ -68,6 +73,28 @@ def attn_layers_flag(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected all, none or a comma list of block "
                                          f"indices, got {text!r}") from None
+
+
+def budget_seconds(text):
+    """Seconds of a duration such as 90s, 5min, 2h or 1.5h; None when it is not one."""
+    found = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(s|min|h)", text.strip())
+    return float(found.group(1)) * {"s": 1, "min": 60, "h": 3600}[found.group(2)] if found else None
+
+
+def budget_flag(text):
+    """--budget: a positive duration (kept as written)."""
+    seconds = budget_seconds(text)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 5min or 2h, got {text!r}")
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    return text.strip()
+
+
+def budget_recipe(name, budget):
+    """The flags --budget sets in recipe `name` (BUDGET_RULES), for a budget as written."""
+    seconds = budget_seconds(budget)
+    return next(flags for limit, flags in BUDGET_RULES.get(name, [(math.inf, {})]) if seconds <= limit)
 
 
 def interval_flag(text):
@@ -189,6 +216,11 @@ def build_parser():
     g.add_argument("--max-steps", type=int, default=None,
                    help="end training after this many optimizer steps (validating then, as at "
                         "an epoch end), and end --cooldown there; None: run --epochs in full")
+    g.add_argument("--budget", type=budget_flag, default=None, metavar="TIME",
+                   help="train for as many optimizer steps as fit in TIME (e.g. 5min, 2h, 24h: the "
+                        "whole run, validations and test included), measured on this machine "
+                        "over its first steps; sets --max-steps, and --cooldown to the recipe's "
+                        "share of it, unless given; None: no budget")
     g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
@@ -336,9 +368,9 @@ RUN_SETTINGS = ("data", "unk", "bptt", "batch_size", "dropout", "dropouth", "dro
                 "nonmono", "accumulate", "seed", "amp", "log_interval", "max_nonfinite",
                 "save_interval")
 # How long it trains: taken from the checkpoint only together, when none of them is given.
-SCHEDULE = ("epochs", "max_steps", "cooldown")
+SCHEDULE = ("epochs", "max_steps", "cooldown", "budget")
 SHOWN = ("data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth", "dropouti",
-         "dropoute", "wdrop", "epochs", "max_steps", "cooldown")  # the start-up's Settings line
+         "dropoute", "wdrop", "epochs", "max_steps", "cooldown", "budget")  # the start-up's Settings line
 
 
 def flags_from(start, args, given=()):
@@ -403,25 +435,29 @@ def changed_flags(args, saved):
 
 def resolve_flags(argv, load_start):
     """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
-    flags not given take, in this order, a --recipe's values, the checkpoint's (flags_from)
-    and the defaults. Returns (args, start checkpoint or None, notes to log once the run
-    starts: the Settings line, and the flags a --continue changes)."""
+    flags not given take, in this order, a --recipe's values (with --budget, its budget's),
+    the checkpoint's (flags_from) and the defaults. Returns (args, start checkpoint or None,
+    {flag: where its value came from}, notes to log once the run starts)."""
     args = parse_args(argv)  # first: --help and bad values are answered by the real parser
     given = given_flags(argv)
     check_args(args)
     start = load_start(args)
     saved = flags_from(start, args, given)
+    if {"budget", "max_steps"} <= given:
+        raise InputError("--budget chooses --max-steps itself; give one of them")
     recipe = RECIPES[args.recipe][1] if "recipe" in given else {}
+    if "recipe" in given and args.budget:
+        recipe = {**recipe, **budget_recipe(args.recipe, args.budget)}
     if saved or recipe:
         args = parse_args(argv, {**saved, **recipe})
         check_args(args)
     sources = {k: "checkpoint" for k in saved}
     sources.update({k: f"recipe {args.recipe}" for k in recipe})
     sources.update({k: "given" for k in given})
-    notes = [settings_line(args, sources)]
+    notes = []
     if args.continue_from:
         check_continue_flags(args, saved)
         changed = changed_flags(args, saved)
         if changed:
             notes.append("Continuing with changed flags: " + ", ".join(changed))
-    return args, start, notes
+    return args, start, sources, notes

@@ -26,12 +26,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import budget
 import checkpoint as ckpt
 import outputs
 from data import Corpus, corpus_files, get_batch
 from dyneval import dynamic_evaluate
-from flags import (TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
-                   resolve_flags)
+from flags import (COOLDOWN_SHARE, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
+                   resolve_flags, settings_line)
 from runtime import Dist, Stop, agree, amp_mode, pick_device, setup_distributed
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
                       check_fits, device_data, evaluate, lr_at, make_step, place_model, plan_run,
@@ -58,6 +59,8 @@ class Run:
     paths: dict     # save, last, run_dir
     limits: Limits
     fingerprint: dict  # {split: SHA-256} of the corpus, kept in checkpoints
+    sources: dict = None  # {flag: where its value came from}, for the Settings line
+    budget_note: str = None  # what --budget measured and chose
 
     @property
     def model(self):
@@ -290,8 +293,9 @@ def eval_only(run):
 
 # --- setup -------------------------------------------------------------------------------
 
-def setup(args, start, paths, stop):
-    """Load data and weights, and build the Run and its Progress."""
+def setup(args, start, paths, stop, sources, started):
+    """Load data and weights, and build the Run and its Progress; with --budget, measure
+    and fix the run's steps (budget.py) before any record is written."""
     d, device = setup_distributed(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -317,13 +321,17 @@ def setup(args, start, paths, stop):
     step = make_step(model, args, device, progress.optimizer_name, net)
     if args.continue_from:
         ckpt.restore_training(step, rng, start, d)
+    run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
+              train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
+              rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
+              fingerprint=corpus.fingerprint, sources=sources)
+    if args.budget and not args.continue_from and not args.dry_run:
+        run.budget_note = budget.apply(run, started, eval_batch_size(args), TEST_BATCH_SIZE,
+                                       COOLDOWN_SHARE.get(args.recipe, 0.2), sources)
+        run.limits = Limits.of(args)
     if d.main:
         corpus.write_cache()  # every check has passed
-    log = open_records(args, paths, config, d, stop, progress.steps)
-    run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
-              train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=log,
-              rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
-              fingerprint=corpus.fingerprint)
+    run.log = open_records(args, paths, config, d, stop, progress.steps)
     return run, progress
 
 
@@ -353,7 +361,8 @@ def open_records(args, paths, config, d, stop, steps):
 def describe(run, notes):
     """The start-up lines: the settings, the model, the device, where the outputs go."""
     args, config = run.args, run.config
-    for note in notes:
+    run.log(settings_line(args, run.sources))
+    for note in ([run.budget_note] if run.budget_note else []) + notes:
         run.log(note)
     nparams = sum(p.numel() for p in run.model.parameters())
     run.log(f"Model: {nparams:,} parameters, attention in blocks {config['attn_layers']}, "
@@ -431,16 +440,17 @@ def execute(run, progress, notes):
 
 
 def main(argv=None):
+    started = budget.clock()  # --budget counts from here
     tmp = lock = None
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
-            args, start, notes = resolve_flags(argv, ckpt.load_start)
+            args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
             if not args.eval_only and launched_rank() == 0:  # rank 0 writes
                 lock = outputs.claim_run(args, paths, start, corpus_files(args.data), tmp)
-            run, progress = setup(args, start, paths, stop)
+            run, progress = setup(args, start, paths, stop, sources, started)
             try:
                 code = execute(run, progress, notes)
             finally:

@@ -253,6 +253,12 @@ def main_cases(w):
         "tensorboard is a file": ([*new, "--tensorboard", w.p("afile")], "--tensorboard"),
         "tensorboard is empty": ([*new, "--tensorboard", ""], "--tensorboard"),
         "unknown recipe": ([*new, "--recipe", "gpu-huge"], "cpu-small"),
+        "budget 0": ([*new, "--budget", "0"], "--budget"),
+        "budget 0 minutes": ([*new, "--budget", "0min"], "--budget"),
+        "negative budget": ([*new, "--budget=-1min"], "--budget"),
+        "budget abc": ([*new, "--budget", "abc"], "--budget"),
+        "budget and max steps": ([*new, "--budget", "5min", "--max-steps", "10"], "--budget"),
+        "budget shorter than the measurement": ([*new, "--budget", "0.001s"], "too short"),
         **{f"resume a model folder {name}": ([*new, "--resume", w.folders[name]], needle)
            for name, needle in (("without weights", "model.safetensors"),
                                 ("config not json", "not JSON"),

@@ -17,7 +17,6 @@ import torch
 
 import checkpoint
 import export
-import main
 import utils
 from conftest import ROOT, SMALL, run_cli
 from outputs import Locks, Output

@@ -93,10 +93,11 @@ def test_the_papers_second_pass_runs_as_its_flags_say():
     config = dict(ntoken=205, ninp=1024, nhid=4096, nlayers=4, attn_layers=[2], heads=1,
                   mem_len=5000, cutoffs=None)
     start = {"kind": "sha-rnn", "config": config, "args": vars(flags.parse_args(first))}
-    args, _, notes = flags.resolve_flags(second, lambda args: start)
+    args, _, sources, _ = flags.resolve_flags(second, lambda args: start)
     assert vars(args) | {"attn_layers": None} == vars(flags.parse_args(second))
     assert args.attn_layers == [2]  # the checkpoint's config: block 2, as the default
-    assert "--lr 0.001 [given]" in notes[0] and "--bptt 1024 [given]" in notes[0]
+    line = flags.settings_line(args, sources)
+    assert "--lr 0.001 [given]" in line and "--bptt 1024 [given]" in line
 
 
 def test_recipe_cpu_small_trains_exactly_like_its_flag_list(corpus_dir, tmp_path, capsys):

@@ -1,0 +1,147 @@
+"""--budget: as many optimizer steps as fit a time budget on this machine.
+
+The run times its own training step over its first steps (after a few that warm the
+allocator and caches) and one chunk of validation and of test, then sets --max-steps to the
+steps that fit in what is left of the budget once every validation (one per epoch end, one
+at the last step) and the final test are paid for, and --cooldown to its recipe's share of
+them. The weights and random streams are then put back as they were, so the run is exactly
+the run of `--max-steps N --cooldown M`; N and M go into its flags, records and checkpoints,
+and a --continue ends at the same step without measuring again.
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data import get_batch
+from flags import InputError, budget_seconds
+from runtime import agree
+from training import epoch_batches, evaluate, make_step, sample_seq_len, steps_in, train_step, twin
+
+WARM, TIMED = 5, 20     # training steps: untimed, then timed
+MARGIN = 0.03           # of the budget, left for checkpoint writes and the unforeseen
+clock = time.perf_counter  # the tests give it a clock of their own
+
+
+@dataclass
+class Measured:
+    """What the run measured: seconds per optimizer step, per validation and per test."""
+    step: float
+    valid: float
+    test: float
+
+
+def snapshot(model, rng):
+    """The weights and random streams, to put back after measuring."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, rng.get_state(),
+            torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def restore(model, rng, state):
+    weights, numpy_state, torch_state, cuda_state = state
+    model.load_state_dict(weights)
+    rng.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state_all(cuda_state)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(run):
+    """Seconds per optimizer step: TIMED training batches after WARM, as the epoch runs them."""
+    args, step = run.args, run.step
+    step.model.train()
+    hidden = mems = pending = None
+    i, start = 0, None
+    for n in range(WARM + TIMED):
+        if n == WARM:
+            synchronize(step.device)
+            start = clock()
+        seq_len = sample_seq_len(run.rng, args.bptt)
+        if i + seq_len >= run.train_data.shape[0] - 1:
+            i, hidden, mems = 0, None, None
+        x, y = get_batch(run.train_data, i, seq_len)
+        update = n % args.accumulate == 0
+        _, hidden, mems, pending, _ = train_step(step, x, y, hidden, mems, pending,
+                                                 args.lr * min(n + 1, args.warmup) / args.warmup,
+                                                 update)
+        i += x.shape[0]
+    synchronize(step.device)
+    return (clock() - start) / TIMED * args.accumulate
+
+
+def time_evaluation(run, source, bsz):
+    """Seconds for a whole evaluation of `source`, from the time of its second chunk."""
+    chunks = len(range(0, source.shape[0] - 1, run.args.bptt))
+    evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=1)
+    synchronize(run.device)
+    start = clock()
+    evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=2)
+    synchronize(run.device)
+    return (clock() - start) / 2 * chunks  # two chunks timed (the first runs again)
+
+
+def measure(run, valid_bsz, test_bsz):
+    """The Measured times of a run's step and evaluations, agreed by the ranks (the slowest),
+    with the weights and random streams restored and a fresh optimizer afterwards."""
+    state = snapshot(run.model, run.rng)
+    times = (time_steps(run), time_evaluation(run, run.val_data, valid_bsz),
+             time_evaluation(run, run.test_data, test_bsz))
+    restore(run.model, run.rng, state)
+    run.step = make_step(run.model, run.args, run.device, net=run.step.net)
+    return Measured(*agree(run.d, run.device, *times))
+
+
+def epoch_ends(rng, rows, bptt, accumulate, steps):
+    """The optimizer steps at which the epochs end, up to the first at or past `steps`."""
+    rng, ends = twin(rng), [0]
+    while ends[-1] < steps:
+        ends.append(ends[-1] + steps_in(0, epoch_batches(rng, 0, rows, bptt), accumulate))
+    return ends[1:]
+
+
+def fit(seconds, measured, ends_of):
+    """The most optimizer steps N whose training, validations (each epoch end before N, and
+    N itself) and test fit in `seconds`; `ends_of(N)` gives the epoch ends up to N."""
+    steps = int((seconds - measured.test - measured.valid) / measured.step)
+    for _ in range(5):  # the number of validations depends on N, and N on it: settle
+        validations = sum(1 for end in ends_of(steps) if end < steps) + 1
+        steps = int((seconds - measured.test - validations * measured.valid) / measured.step)
+        if steps < 1:
+            break
+    return steps
+
+
+def apply(run, started, valid_bsz, test_bsz, cooldown_share, sources):
+    """Measure, then set the run's --max-steps, --cooldown (unless given) and --epochs
+    (unless given) so that it ends within --budget, counted from `started` (the clock when
+    main.py began). Returns the line that says so."""
+    args = run.args
+    seconds = budget_seconds(args.budget)
+    measured = measure(run, valid_bsz, test_bsz)
+    left = seconds * (1 - MARGIN) - (clock() - started)
+    rows = run.train_data.shape[0]
+    steps = fit(left, measured, lambda n: epoch_ends(run.rng, rows, args.bptt, args.accumulate, n))
+    if steps < 1:
+        raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
+                         f"{clock() - started:.0f} s, and a validation and the test need "
+                         f"{measured.valid + measured.test:.0f} s more; give a longer --budget")
+    ends = epoch_ends(run.rng, rows, args.bptt, args.accumulate, steps)
+    args.max_steps = steps
+    sources["max_steps"] = f"budget {args.budget}"
+    if "cooldown" not in sources or sources["cooldown"] != "given":
+        args.cooldown = round(cooldown_share * steps) or None
+        sources["cooldown"] = f"budget {args.budget}"
+    if sources.get("epochs") != "given":
+        args.epochs = len(ends)
+        sources["epochs"] = f"budget {args.budget}"
+    return (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
+            f"(measured over {TIMED} steps), over {len(ends)} epoch(s), cooldown "
+            f"{args.cooldown or 0:,} steps; {math.ceil(measured.valid):,} s per validation, "
+            f"{math.ceil(measured.test):,} s for the test")
