@@ -1,0 +1,61 @@
+#!/bin/sh
+# Set up this clone's virtual environment, .venv, with PyTorch and REQUIREMENTS, once:
+#   sh setup.sh requirements.txt        (make demo runs this)
+#   sh setup.sh requirements-dev.txt    (make test runs this)
+# A second call with unchanged requirements reuses .venv and says so. PyTorch: a wheel
+# already on this machine when pip finds one, else the CUDA build where an NVIDIA GPU
+# answers (nvidia-smi), else the CPU build. Settings: PYTHON (default python3), TORCH
+# (the torch version, default 2.13.0). Failures are one line; pip's own output goes to
+# .venv/setup.log.
+set -eu
+
+requirements=${1:?usage: sh setup.sh REQUIREMENTS_FILE}
+python=${PYTHON:-python3}
+torch_version=${TORCH:-2.13.0}
+venv=.venv
+cpu_index=https://download.pytorch.org/whl/cpu
+
+fail() {
+    echo "setup: $*" >&2
+    exit 1
+}
+
+command -v "$python" >/dev/null 2>&1 || fail "$python not found: install Python 3.10 or newer (or set PYTHON)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+    fail "$("$python" -V 2>&1) is too old: Python 3.10 or newer is needed (set PYTHON, e.g. PYTHON=python3.11)"
+[ -f "$requirements" ] || fail "$requirements not found: run this from the clone's folder"
+
+stamp="$venv/.ready-$(basename "$requirements" .txt)-$(cat requirements.txt "$requirements" | cksum | cut -d' ' -f1)-$torch_version"
+if [ -f "$stamp" ]; then
+    echo "setup: reusing the environment in $venv ($requirements installed; delete $venv to set it up again)"
+    exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv with $("$python" -V 2>&1)"
+    "$python" -m venv "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
+fi
+log=$venv/setup.log
+pip() {
+    "$venv/bin/python" -m pip install --disable-pip-version-check --timeout 30 --retries 2 "$@" >>"$log" 2>&1
+}
+unreachable() {
+    fail "could not install $1: is the package index reachable (network, proxy, PIP_INDEX_URL)? pip's messages are in $log"
+}
+
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    if pip --no-index --no-deps "torch==$torch_version"; then
+        echo "setup: installed torch $torch_version from a wheel already on this machine"
+        pip "torch==$torch_version" || unreachable "the packages torch needs"
+    elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        echo "setup: installing torch $torch_version, the CUDA build (an NVIDIA GPU answers)"
+        pip "torch==$torch_version" || unreachable "torch $torch_version"
+    else
+        echo "setup: installing torch $torch_version, the CPU build (no NVIDIA GPU answers)"
+        pip --index-url "$cpu_index" "torch==$torch_version" || unreachable "torch $torch_version from $cpu_index"
+    fi
+fi
+echo "setup: installing $requirements into $venv"
+pip -r "$requirements" || unreachable "$requirements"
+touch "$stamp"
+echo "setup: $venv is ready"
