@@ -72,6 +72,12 @@ def build_parser():
                         "no activation checkpointing) on the same weights and batches, "
                         "interleaved with the model's steps, and print the model's overhead")
     g.add_argument("--seed", type=int, default=PAPER["seed"], help="seed for the weights and the tokens")
+    g.add_argument("--gpu-check", action="store_true",
+                   help="the first measurements of a new GPU, in at most 8 minutes: training and "
+                        "evaluation at the paper's sizes (one attention block and every block) in "
+                        "fp16, bf16 and float32, with and without --compile, then a few minutes "
+                        "of training the paper's model on data/sample; prints a Markdown table "
+                        "for the README (gpu_check.py). Needs CUDA")
     # The byte-level model (full softmax, tied decoder) and the paper's LAMB step.
     p.set_defaults(adaptive_softmax=False, cutoffs=None,
                    **{k: PAPER[k] for k in ("optimizer", "lr", "wdecay", "clip", "dropoute", "wdrop")})
@@ -413,14 +419,16 @@ def summary(times):
             f"{1000 * max(times):,.1f} ms")
 
 
-def run(args):
-    """Build, print the header, warm up, time, print the results."""
+def timed(args, quiet=False):
+    """Build the model of the flags, warm up, time its steps; returns (times {name: [seconds
+    per step]}, device). Prints the header unless `quiet`."""
     check_args(args)
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     check_fits(model_config(args, args.ntoken), args.bptt, args.batch_size, device)
     model = build_model(args, device)
@@ -428,8 +436,19 @@ def run(args):
     batches = synthetic_batches(warmup + args.steps, args.bptt, args.batch_size, args.ntoken,
                                 args.seed, device)
     steps = step_functions(args, model, device)
-    print("\n".join(header(args, model, device, warmup)), flush=True)
-    report(args, measure(steps, batches, warmup, device), device)
+    if not quiet:
+        print("\n".join(header(args, model, device, warmup)), flush=True)
+    return measure(steps, batches, warmup, device), device
+
+
+def run(args):
+    """Build, print the header, warm up, time, print the results."""
+    if args.gpu_check:
+        import gpu_check
+        gpu_check.run(args)
+        return
+    times, device = timed(args)
+    report(args, times, device)
 
 
 def report(args, times, device):
