@@ -1,9 +1,29 @@
-"""Checkpoints: safe writing and loading, the model config a checkpoint carries, where a run
-stands (Progress) with its random and carried state, and the flags a checkpoint fills in.
+"""Checkpoints: the format, safe writing and loading (every field checked), the model a
+checkpoint describes, where a run stands (Progress) with its random and carried state.
 
-A checkpoint is a dict of state_dicts plus the config (docs/model.md, Checkpoints):
-    format, version, model, config, vocab, metrics, args        (the best checkpoint)
-    + optimizer, scaler, carry, rng, progress                   (the last checkpoint)
+A checkpoint is a dict of state_dicts plus the config, read with torch.load(weights_only=True):
+
+    format    "sha-rnn" (marks this project's checkpoints)       version   1
+    model     the model's state_dict (original parameter names; the tied decoder.weight too)
+    config    SHARNN's arguments: ntoken, ninp, nhid, nlayers, attn_layers (block indices),
+              heads, mem_len, cutoffs (None: the tied softmax; a list: the adaptive one)
+    vocab     the id -> token list
+    metrics   best: valid_loss, valid_bpc, epoch, steps, tokens, and after the final test
+              test_loss, test_bpc;  last: best_valid_loss;  --when copies: epoch
+    args      every flag of the run, as resolved (flags.py)
+    corpus    {split: SHA-256 of its file} (absent from checkpoints of older versions)
+and the last checkpoint (--last, SAVE.last.pt), from which --continue goes on exactly, also
+    optimizer the optimizer's state_dict       scaler   the loss scaler's state_dict
+    carry     None, or {"hidden": per block None or [h, c], "mems": per block None or a
+              memory}: the whole batch's carried state, [1, B, E] and [m, B, E]
+    rng       numpy_key [624] int64, numpy_pos, numpy_has_gauss, numpy_gauss (the sequence
+              lengths' numpy stream), torch, cuda (None without CUDA), and under torchrun
+              ranks: every rank's {torch, cuda}
+    progress  epoch (0-based), i (stream position), batch, tokens, steps, best_val,
+              val_history, optimizer_name, epoch_time (seconds into the epoch), tested
+              (the final test of a finished run was reported)
+check_fields lists the types; a model folder (modelfolder.py) holds the same fields of a
+best checkpoint as model.safetensors and config.json.
 """
 
 import argparse

@@ -31,6 +31,7 @@ def train_losses(capsys, corpus_dir, tmp_path, amp):
     return [r["loss"] for r in records if r["type"] == "train"], records[-1]["test_loss"]
 
 
+@pytest.mark.slow
 def test_bf16_and_fp16_track_the_float32_losses(capsys, corpus_dir, tmp_path):
     """Per-batch training losses of a whole epoch (about 390 batches, the warmup's 40
     included; the loss falls from 3.2 to 0.8 nats) under bf16 and fp16 autocast stay close
@@ -112,6 +113,7 @@ def test_float32_paths_hold_under_autocast():
         loss.mean().backward()
 
 
+@pytest.mark.slow
 def test_continue_under_fp16_restores_the_loss_scale(corpus_dir, tmp_path):
     """An fp16 run stopped by SIGTERM after its first epoch, once overflows have lowered
     the loss scale, and continued, ends with the weights and the scaler state (scale and

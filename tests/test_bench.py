@@ -153,6 +153,7 @@ def test_cli_rejects_bad_flags():
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_cli_runs_mixed_precision_on_the_cpu(amp):
     lines = run_bench("--amp", amp, "--floor")
     assert any(line.startswith("device: CPU") and f"amp {amp}," in line for line in lines)

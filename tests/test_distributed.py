@@ -10,6 +10,8 @@ import torch
 
 from conftest import ROOT, SMALL, sentences, write_corpus
 
+pytestmark = pytest.mark.slow  # torchrun launches
+
 # Without dropout: the ranks draw their own dropout masks, one process other ones.
 SMALL_NODROP = [*SMALL, "--dropout", "0", "--dropouth", "0", "--dropouti", "0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

@@ -19,6 +19,8 @@ import export  # noqa: E402
 from conftest import ROOT, perturb  # noqa: E402
 from model import SHARNN  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ONNX export
+
 CONFIG = dict(ntoken=20, ninp=16, nhid=32, nlayers=3, attn_layers=[0, 2], heads=1, mem_len=12,
               cutoffs=None)
 TOL = 1e-4

@@ -289,6 +289,7 @@ def test_prime_from_stdin_completes_a_character_across_the_boundary(tmp_path):
     assert result.stdout.decode("utf-8") == "the café\n"
 
 
+@pytest.mark.slow
 def test_stdin_prime_matches_flag_prime_and_no_input_starts_from_eos(capsys, byte_ckpt):
     args = ["--checkpoint", byte_ckpt, "--device", "cpu", "--length", "30", "--seed", "4"]
     piped = run_script(*args, "--prime", "-", stdin=b"the dog\n")

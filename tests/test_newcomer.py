@@ -91,6 +91,7 @@ def test_dry_run_checks_the_real_paths(capsys, corpus_dir, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "does not exist" in err
 
 
+@pytest.mark.slow
 def test_threads_flag_sets_torch_threads_and_is_recorded(corpus_dir, tmp_path):
     """torch would start 2 threads here (OMP_NUM_THREADS=2); --threads 1 wins and is recorded."""
     for flags, expected in ((["--dry-run"], 2), (["--threads", "1", "--epochs", "1"], 1)):
@@ -135,6 +136,7 @@ def test_log_counts_the_epochs_real_batches(capsys, corpus_dir, tmp_path):
         assert {b for _, b in done} == {len(done)}  # the count logged is the one reached
 
 
+@pytest.mark.slow
 def test_continue_keeps_a_record_of_every_start(corpus_dir, tmp_path):
     def cli(*argv):
         return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
@@ -154,6 +156,7 @@ def test_continue_keeps_a_record_of_every_start(corpus_dir, tmp_path):
     assert all(s["env"]["argv"][-2:] == ["--epochs", e] for s, e in zip(starts, ("2", "3")))
 
 
+@pytest.mark.slow
 def test_bad_flag_under_torchrun_is_printed_by_rank_0_only():
     for rank, lines in (("0", 1), ("1", 0)):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--bptt", "x"],

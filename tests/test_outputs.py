@@ -67,6 +67,7 @@ def test_the_papers_second_pass_replaces_its_own_checkpoints(corpus_dir, tmp_pat
     assert code == 2 and "--overwrite" in err
 
 
+@pytest.mark.slow
 def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     from test_export import tiny_checkpoint
@@ -89,6 +90,7 @@ def limited(fsize):
     return apply
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_inside_torch_save_is_one_line_and_loses_nothing(corpus_dir, tmp_path, capsys):
     """torch.save reports a failed write as a RuntimeError ("unexpected pos"): it is a
     failed write all the same, one line and exit 2, and the checkpoints before it stay."""

@@ -79,6 +79,7 @@ def run_on_terminal(*argv):
     return shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_bars_on_a_terminal_unless_no_progress(run, tmp_path):
     _, data, _ = run
     flags = ["--data", data, "--save", str(tmp_path / "t.pt"), "--epochs", "1",

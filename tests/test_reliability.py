@@ -61,6 +61,7 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
 # --- exact continuation ------------------------------------------------------------------
 
 @pytest.mark.parametrize("stop_at", ["| epoch   1 |", "end of epoch   1"])
+@pytest.mark.slow
 def test_continue_after_sigterm_ends_with_the_weights_of_an_uninterrupted_run(corpus_dir, tmp_path, stop_at):
     flags = ["--data", corpus_dir, "--epochs", "3", *SMALL, "--dropouth", "0.2", "--wdrop", "0.1",
              "--accumulate", "2"]

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from training import Step, train_step
@@ -68,6 +69,7 @@ def test_activation_checkpointing_gives_identical_gradients_with_dropout():
         torch.testing.assert_close(checkpointed[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     model = tiny().eval()
     x = torch.randint(0, 13, (7, 2))
