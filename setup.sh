@@ -25,7 +25,10 @@ command -v "$python" >/dev/null 2>&1 || fail "$python not found: install Python 
     fail "$("$python" -V 2>&1) is too old: Python 3.10 or newer is needed (set PYTHON, e.g. PYTHON=python3.11)"
 [ -f "$requirements" ] || fail "$requirements not found: run this from the clone's folder"
 
-stamp="$venv/.ready-$(basename "$requirements" .txt)-$(cat requirements.txt "$requirements" | cksum | cut -d' ' -f1)-$torch_version"
+stamp_of() {  # what marks a requirements file as installed, with this torch
+    echo "$venv/.ready-$(basename "$1" .txt)-$(cat requirements.txt "$1" | cksum | cut -d' ' -f1)-$torch_version"
+}
+stamp=$(stamp_of "$requirements")
 if [ -f "$stamp" ]; then
     echo "setup: reusing the environment in $venv ($requirements installed; delete $venv to set it up again)"
     exit 0
@@ -58,4 +61,7 @@ fi
 echo "setup: installing $requirements into $venv"
 pip -r "$requirements" || unreachable "$requirements"
 touch "$stamp"
+if grep -qx -- "-r requirements.txt" "$requirements"; then
+    touch "$(stamp_of requirements.txt)"  # installed with it
+fi
 echo "setup: $venv is ready"
