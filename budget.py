@@ -27,10 +27,12 @@ clock = time.perf_counter  # the tests give it a clock of their own
 
 @dataclass
 class Measured:
-    """What the run measured: seconds per optimizer step, per validation and per test."""
+    """What the run measured: seconds per optimizer step, per validation, per test, and
+    since main.py began (setting up and measuring)."""
     step: float
     valid: float
     test: float
+    elapsed: float = 0.0
 
 
 def snapshot(model, rng):
@@ -87,15 +89,16 @@ def time_evaluation(run, source, bsz):
     return (clock() - start) / 2 * chunks  # two chunks timed (the first runs again)
 
 
-def measure(run, valid_bsz, test_bsz):
-    """The Measured times of a run's step and evaluations, agreed by the ranks (the slowest),
+def measure(run, valid_bsz, test_bsz, started):
+    """The Measured times of a run's step and evaluations, and the time since `started`,
+    agreed by the ranks (each the slowest rank's), so that every rank fixes the same steps;
     with the weights and random streams restored and a fresh optimizer afterwards."""
     state = snapshot(run.model, run.rng)
     times = (time_steps(run), time_evaluation(run, run.val_data, valid_bsz),
              time_evaluation(run, run.test_data, test_bsz))
     restore(run.model, run.rng, state)
     run.step = make_step(run.model, run.args, run.device, net=run.step.net)
-    return Measured(*agree(run.d, run.device, *times))
+    return Measured(*agree(run.d, run.device, *times, clock() - started))
 
 
 def epoch_ends(rng, rows, bptt, accumulate, steps):
@@ -124,13 +127,13 @@ def apply(run, started, valid_bsz, test_bsz, cooldown_share, sources):
     main.py began). Returns the line that says so."""
     args = run.args
     seconds = budget_seconds(args.budget)
-    measured = measure(run, valid_bsz, test_bsz)
-    left = seconds * (1 - MARGIN) - (clock() - started)
+    measured = measure(run, valid_bsz, test_bsz, started)
+    left = seconds * (1 - MARGIN) - measured.elapsed
     rows = run.train_data.shape[0]
     steps = fit(left, measured, lambda n: epoch_ends(run.rng, rows, args.bptt, args.accumulate, n))
     if steps < 1:
         raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
-                         f"{clock() - started:.0f} s, and a validation and the test need "
+                         f"{measured.elapsed:.0f} s, and a validation and the test need "
                          f"{measured.valid + measured.test:.0f} s more; give a longer --budget")
     ends = epoch_ends(run.rng, rows, args.bptt, args.accumulate, steps)
     args.max_steps = steps

@@ -325,7 +325,7 @@ def setup(args, start, paths, stop, sources, started):
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
               fingerprint=corpus.fingerprint, sources=sources)
-    if args.budget and not args.continue_from and not args.dry_run:
+    if args.budget and not args.continue_from:
         run.budget_note = budget.apply(run, started, eval_batch_size(args), TEST_BATCH_SIZE,
                                        COOLDOWN_SHARE.get(args.recipe, 0.2), sources)
         run.limits = Limits.of(args)

@@ -88,3 +88,30 @@ def test_batch_must_divide_over_ranks(runs):
     result = torchrun("--data", data, "--dry-run", *SMALL_NODROP, "--batch_size", "3")
     assert result.returncode != 0
     assert "--batch_size 3 does not divide over 2 ranks" in result.stderr
+
+
+RANK_CLOCK = """
+import itertools, os, sys
+sys.path.insert(0, {root!r})
+import budget, main
+ticks, rank = itertools.count(), int(os.environ["RANK"])
+budget.clock = lambda: next(ticks) * 0.01 * (1 + rank)  # rank 1 measures everything as 2x slower
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_the_ranks_agree_on_the_steps_a_budget_buys(tmp_path):
+    """Each rank measures its own step; they take the slowest's, so both stop at one step
+    (a disagreement would leave one rank waiting for the other's gradients)."""
+    script = tmp_path / "rank_clock.py"
+    script.write_text(RANK_CLOCK.format(root=ROOT))
+    data = write_corpus(tmp_path / "data", sentences(400, 1), sentences(40, 2), sentences(40, 3))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), "--data", data, "--save",
+                             str(tmp_path / "b.pt"), *SMALL_NODROP, "--budget", "0.5s"],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    chosen = int(re.search(r"Budget 0.5s: ([\d,]+) optimizer steps of 1.0 ms", result.stdout)
+                 .group(1).replace(",", ""))  # rank 1's 2x slower step, agreed by both
+    last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    assert last["progress"]["steps"] == last["args"]["max_steps"] == chosen
