@@ -86,6 +86,8 @@ def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_d
     assert "Budget " not in out and "| End of training |" in out
     last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
     assert last["progress"]["steps"] == chosen["max_steps"]
+    code, out, err = run_cli(capsys, "--continue", str(tmp_path / "b.last.pt"), "--budget", "1h")
+    assert code == 2 and "--max-steps" in err and err.count("\n") == 1
 
 
 def test_budget_and_max_steps_exclude_each_other():
