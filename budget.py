@@ -9,6 +9,7 @@ the run of `--max-steps N --cooldown M`; N and M go into its flags, records and 
 and a --continue ends at the same step without measuring again.
 """
 
+import bisect
 import math
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from data import get_batch
-from flags import InputError, budget_seconds
+from flags import InputError, budget_seconds, by_limit
 from runtime import agree
 from training import epoch_batches, evaluate, make_step, sample_seq_len, steps_in, train_step, twin
 
@@ -111,26 +112,40 @@ def epoch_ends(rng, rows, bptt, accumulate, steps):
 
 def fit(seconds, measured, ends_of):
     """The most optimizer steps N whose training, validations (each epoch end before N, and
-    N itself) and test fit in `seconds`; `ends_of(N)` gives the epoch ends up to N."""
-    steps = int((seconds - measured.test - measured.valid) / measured.step)
-    for _ in range(5):  # the number of validations depends on N, and N on it: settle
-        validations = sum(1 for end in ends_of(steps) if end < steps) + 1
-        steps = int((seconds - measured.test - validations * measured.valid) / measured.step)
-        if steps < 1:
-            break
-    return steps
+    N itself) and test fit in `seconds` (0 when none does); `ends_of(N)` gives the epoch
+    ends up to N. The cost grows with N: a binary search."""
+    most = int((seconds - measured.test - measured.valid) / measured.step)
+    if most < 1:
+        return 0
+    ends = ends_of(most)
+
+    def cost(n):
+        return n * measured.step + (bisect.bisect_left(ends, n) + 1) * measured.valid + measured.test
+
+    low, high = 0, most  # cost(low) fits (or low is 0); cost(high + 1) does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if cost(middle) <= seconds else (low, middle - 1)
+    return low
 
 
-def apply(run, started, valid_bsz, test_bsz, cooldown_share, sources):
-    """Measure, then set the run's --max-steps, --cooldown (unless given) and --epochs
-    (unless given) so that it ends within --budget, counted from `started` (the clock when
-    main.py began). Returns the line that says so."""
+def apply(run, started, valid_bsz, test_bsz, rule, sources):
+    """Measure, then set the run's --max-steps, --cooldown and --epochs so that it ends
+    within --budget, counted from `started` (the clock when main.py began), by its recipe's
+    `rule` (flags.BUDGET_RULES): the cooldown's share of the steps, and the regularisation
+    for the epochs they cover (measuring again when it changes the step). Flags given on
+    the command line are kept. Returns the line that says so."""
     args = run.args
-    seconds = budget_seconds(args.budget)
-    measured = measure(run, valid_bsz, test_bsz, started)
-    left = seconds * (1 - MARGIN) - measured.elapsed
+    measured, steps = settle(run, started, valid_bsz, test_bsz)
+    regularise = {k: v for k, v in by_limit(rule.get("regularise", []), epochs_of(run, steps)).items()
+                  if sources.get(k) != "given" and getattr(args, k) != v}
+    if regularise:
+        for key, value in regularise.items():
+            setattr(args, key, value)
+            sources[key] = f"budget {args.budget}"
+        run.model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
+        measured, steps = settle(run, started, valid_bsz, test_bsz)
     rows = run.train_data.shape[0]
-    steps = fit(left, measured, lambda n: epoch_ends(run.rng, rows, args.bptt, args.accumulate, n))
     if steps < 1:
         raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
                          f"{measured.elapsed:.0f} s, and a validation and the test need "
@@ -138,8 +153,8 @@ def apply(run, started, valid_bsz, test_bsz, cooldown_share, sources):
     ends = epoch_ends(run.rng, rows, args.bptt, args.accumulate, steps)
     args.max_steps = steps
     sources["max_steps"] = f"budget {args.budget}"
-    if "cooldown" not in sources or sources["cooldown"] != "given":
-        args.cooldown = round(cooldown_share * steps) or None
+    if sources.get("cooldown") != "given":
+        args.cooldown = round(rule.get("cooldown", 0) * steps) or None
         sources["cooldown"] = f"budget {args.budget}"
     if sources.get("epochs") != "given":
         args.epochs = len(ends)
@@ -147,4 +162,21 @@ def apply(run, started, valid_bsz, test_bsz, cooldown_share, sources):
     return (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
             f"(measured over {TIMED} steps), over {len(ends)} epoch(s), cooldown "
             f"{args.cooldown or 0:,} steps; {math.ceil(measured.valid):,} s per validation, "
-            f"{math.ceil(measured.test):,} s for the test")
+            f"{math.ceil(measured.test):,} s for the test"
+            + (f"; for {epochs_of(run, steps):.1f} epochs of data: "
+               + ", ".join(f"--{k} {v}" for k, v in regularise.items()) if regularise else ""))
+
+
+def settle(run, started, valid_bsz, test_bsz):
+    """Measure the run as it now is, and the steps that fit what is left of its budget."""
+    args = run.args
+    measured = measure(run, valid_bsz, test_bsz, started)
+    left = budget_seconds(args.budget) * (1 - MARGIN) - measured.elapsed
+    rows = run.train_data.shape[0]
+    steps = fit(left, measured, lambda n: epoch_ends(run.rng, rows, args.bptt, args.accumulate, n))
+    return measured, steps
+
+
+def epochs_of(run, steps):
+    """How many times `steps` optimizer steps go through the training data."""
+    return steps * run.args.accumulate * run.args.bptt / run.train_data.shape[0]

@@ -29,10 +29,17 @@ RECIPES = {
                        dropout=0.0, dropouth=0.0, dropouti=0.0, lr=4e-3, warmup=100, epochs=4,
                        max_steps=1400, cooldown=700, log_interval=50, threads=1)),
 }
-# What a --budget changes in a recipe: by budget (up to SECONDS: flags), and the share of
-# the run's optimizer steps its cooldown takes (docs/small-models.md measures cpu-small's).
-BUDGET_RULES = {"cpu-small": [(math.inf, {})]}
-COOLDOWN_SHARE = {"paper": 0.2, "paper-all-heads": 0.2, "cpu-small": 0.5}
+# What a --budget changes in a recipe (docs/small-models.md measures cpu-small's rule):
+# "size": the model by budget, [(up to SECONDS, flags), ...]; "regularise": by the epochs
+# the budget's steps cover (known once the step is measured), [(up to EPOCHS, flags), ...];
+# "cooldown": the share of the steps the cooldown takes.
+CHEAP_DROPOUT = dict(dropout=0.1, dropouti=0.1, dropoute=0.1, wdrop=0.2, wdecay=0.1)
+BUDGET_RULES = {
+    "paper": dict(cooldown=0.2),
+    "paper-all-heads": dict(cooldown=0.2),
+    "cpu-small": dict(size=[(150, {}), (math.inf, dict(emsize=256, nhid=512))],
+                      regularise=[(4, {}), (math.inf, CHEAP_DROPOUT)], cooldown=0.5),
+}
 MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
 TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
@@ -91,10 +98,14 @@ def budget_flag(text):
     return text.strip()
 
 
+def by_limit(tiers, value):
+    """The flags of the first (limit, flags) tier whose limit is at least `value`."""
+    return next((flags for limit, flags in tiers if value <= limit), {})
+
+
 def budget_recipe(name, budget):
-    """The flags --budget sets in recipe `name` (BUDGET_RULES), for a budget as written."""
-    seconds = budget_seconds(budget)
-    return next(flags for limit, flags in BUDGET_RULES.get(name, [(math.inf, {})]) if seconds <= limit)
+    """The model flags --budget sets in recipe `name` (BUDGET_RULES "size") for a budget."""
+    return by_limit(BUDGET_RULES[name].get("size", []), budget_seconds(budget))
 
 
 def interval_flag(text):

@@ -31,7 +31,7 @@ import checkpoint as ckpt
 import outputs
 from data import Corpus, corpus_files, get_batch
 from dyneval import dynamic_evaluate
-from flags import (COOLDOWN_SHARE, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
+from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
                    resolve_flags, settings_line)
 from runtime import Dist, Stop, agree, amp_mode, pick_device, setup_distributed
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
@@ -327,7 +327,7 @@ def setup(args, start, paths, stop, sources, started):
               fingerprint=corpus.fingerprint, sources=sources)
     if args.budget and not args.continue_from:
         run.budget_note = budget.apply(run, started, eval_batch_size(args), TEST_BATCH_SIZE,
-                                       COOLDOWN_SHARE.get(args.recipe, 0.2), sources)
+                                       BUDGET_RULES[args.recipe], sources)
         run.limits = Limits.of(args)
     if d.main:
         corpus.write_cache()  # every check has passed

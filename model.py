@@ -312,6 +312,20 @@ class SHARNN(nn.Module):
             block.mix = torch.compile(block.mix, dynamic=True)
             block.feedforward = torch.compile(block.feedforward, dynamic=True)
 
+    def set_dropouts(self, dropout, dropouth, dropouti, dropoute, wdrop):
+        """Change the dropout rates of a built model (they hold no weights): the model is then
+        the one built with these rates."""
+        check_config(self.ntoken, self.ninp, self.nhid, self.nlayers, self.attn_layers,
+                     self.heads, self.mem_len, dict(dropout=dropout, dropouth=dropouth,
+                                                    dropouti=dropouti, dropoute=dropoute,
+                                                    wdrop=wdrop))
+        self.drop.p, self.idrop.p, self.dropoute = dropout, dropouti, dropoute
+        for block in self.blocks:
+            block.wdrop = wdrop
+            for module in block.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = dropouth
+
     def set_checkpoint_activations(self, enabled):
         """Recompute attention and feed-forward activations in backward to save memory."""
         for block in self.blocks:

@@ -96,3 +96,30 @@ def test_budget_and_max_steps_exclude_each_other():
     assert flags.budget_seconds("1.5h") == 5400 and flags.budget_seconds("90s") == 90
     assert flags.budget_seconds("5 min") is None and flags.budget_seconds("abc") is None
     assert flags.budget_seconds("24h") == 86400
+
+
+def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_path, capsys, ticking):
+    """cpu-small's rule: past 4 epochs of the data, the cheap dropouts and weight decay,
+    set after the first measurement (which then runs again); the run is then that of the
+    flags it recorded, from the first step."""
+    from conftest import sentences, write_corpus
+    data = write_corpus(tmp_path / "data", sentences(120, 1), sentences(30, 2), sentences(30, 3))
+    tiny = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--mem-len", "32", "--bptt", "16",
+            "--batch_size", "4", "--no-progress"]
+    code, out, err = run_cli(capsys, "--data", data, "--save", str(tmp_path / "b.pt"),
+                             "--recipe", "cpu-small", *tiny, "--budget", "2s")
+    assert code == 0, err
+    chosen = json.load(open(tmp_path / "b.run" / "args.json"))
+    assert (chosen["dropout"], chosen["dropouti"], chosen["dropoute"], chosen["wdrop"],
+            chosen["wdecay"]) == (0.1, 0.1, 0.1, 0.2, 0.1)
+    assert "--dropout 0.1 [budget 2s]" in out and "epochs of data: --dropout 0.1" in out
+    flags_of_run = ["--dropout", "0.1", "--dropouti", "0.1", "--dropoute", "0.1", "--wdrop", "0.2",
+                    "--wdecay", "0.1", "--max-steps", str(chosen["max_steps"]), "--cooldown",
+                    str(chosen["cooldown"]), "--epochs", str(chosen["epochs"])]
+    code, out, err = run_cli(capsys, "--data", data, "--save", str(tmp_path / "r.pt"),
+                             "--recipe", "cpu-small", *tiny, *flags_of_run)
+    assert code == 0, err
+    a = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)["model"]
+    b = torch.load(str(tmp_path / "r.last.pt"), weights_only=True)["model"]
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
