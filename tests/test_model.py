@@ -275,3 +275,21 @@ def test_load_original_state_dict_fails_loudly(change, message):
     change(sd)
     with pytest.raises(ValueError, match=message):
         SHARNN(11, 8, 16, 3).load_original_state_dict(sd)
+
+
+def test_dropouts_set_after_building_give_the_model_built_with_them():
+    rates = dict(dropout=0.1, dropouth=0.2, dropouti=0.3, dropoute=0.1, wdrop=0.2)
+    torch.manual_seed(3)
+    built = SHARNN(20, 16, 32, 2, attn_layers=[0, 1], mem_len=12, **rates).train()
+    torch.manual_seed(3)
+    changed = SHARNN(20, 16, 32, 2, attn_layers=[0, 1], mem_len=12, dropout=0.0, dropouth=0.0,
+                     dropouti=0.0).train()
+    changed.set_dropouts(**rates)
+    x = torch.randint(0, 20, (9, 3))
+    torch.manual_seed(4)
+    a, _, _ = built(x)
+    torch.manual_seed(4)
+    b, _, _ = changed(x)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        changed.set_dropouts(1.0, 0, 0, 0, 0)
