@@ -34,11 +34,13 @@ RECIPES = {
 # the budget's steps cover (known once the step is measured), [(up to EPOCHS, flags), ...];
 # "cooldown": the share of the steps the cooldown takes.
 CHEAP_DROPOUT = dict(dropout=0.1, dropouti=0.1, dropoute=0.1, wdrop=0.2, wdecay=0.1)
+MORE_DROPOUT = dict(dropout=0.2, dropouti=0.2, dropoute=0.1, wdrop=0.3, wdecay=0.1)
 BUDGET_RULES = {
     "paper": dict(cooldown=0.2),
     "paper-all-heads": dict(cooldown=0.2),
-    "cpu-small": dict(size=[(150, {}), (math.inf, dict(emsize=256, nhid=512))],
-                      regularise=[(4, {}), (math.inf, CHEAP_DROPOUT)], cooldown=0.5),
+    "cpu-small": dict(size=[(200, {}), (math.inf, dict(emsize=256, nhid=512))],
+                      regularise=[(5, {}), (12, CHEAP_DROPOUT), (math.inf, MORE_DROPOUT)],
+                      cooldown=0.5),
 }
 MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns

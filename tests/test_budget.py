@@ -4,6 +4,7 @@ steps, and from then on is exactly the run of --max-steps N --cooldown M."""
 import itertools
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -90,6 +91,15 @@ def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_d
     assert code == 2 and "--max-steps" in err and err.count("\n") == 1
 
 
+def test_cpu_small_regularises_more_the_more_epochs_its_budget_covers():
+    rule = flags.BUDGET_RULES["cpu-small"]["regularise"]
+    assert flags.by_limit(rule, 4.2) == {}  # about 2 minutes on data/sample
+    assert flags.by_limit(rule, 6.5)["dropout"] == 0.1 and flags.by_limit(rule, 6.5)["wdecay"] == 0.1
+    assert flags.by_limit(rule, 25)["dropout"] == 0.2 and flags.by_limit(rule, 25)["wdrop"] == 0.3
+    sizes = flags.BUDGET_RULES["cpu-small"]["size"]
+    assert flags.by_limit(sizes, 120) == {} and flags.by_limit(sizes, 300)["emsize"] == 256
+
+
 def test_budget_and_max_steps_exclude_each_other():
     with pytest.raises(flags.InputError, match="--budget"):
         flags.resolve_flags(["--budget", "5min", "--max-steps", "10"], lambda args: None)
@@ -110,12 +120,14 @@ def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_pat
                              "--recipe", "cpu-small", *tiny, "--budget", "2s")
     assert code == 0, err
     chosen = json.load(open(tmp_path / "b.run" / "args.json"))
-    assert (chosen["dropout"], chosen["dropouti"], chosen["dropoute"], chosen["wdrop"],
-            chosen["wdecay"]) == (0.1, 0.1, 0.1, 0.2, 0.1)
-    assert "--dropout 0.1 [budget 2s]" in out and "epochs of data: --dropout 0.1" in out
-    flags_of_run = ["--dropout", "0.1", "--dropouti", "0.1", "--dropoute", "0.1", "--wdrop", "0.2",
-                    "--wdecay", "0.1", "--max-steps", str(chosen["max_steps"]), "--cooldown",
-                    str(chosen["cooldown"]), "--epochs", str(chosen["epochs"])]
+    epochs = float(re.search(r"for ([\d.]+) epochs of data", out).group(1))
+    expected = flags.by_limit(flags.BUDGET_RULES["cpu-small"]["regularise"], epochs)
+    assert epochs > 5 and expected  # past cpu-small's first tier: regularised
+    assert {k: chosen[k] for k in expected} == expected
+    assert f"--dropout {expected['dropout']} [budget 2s]" in out
+    flags_of_run = [x for k, v in expected.items() for x in (f"--{k}", str(v))]
+    flags_of_run += ["--max-steps", str(chosen["max_steps"]), "--cooldown", str(chosen["cooldown"]),
+                     "--epochs", str(chosen["epochs"])]
     code, out, err = run_cli(capsys, "--data", data, "--save", str(tmp_path / "r.pt"),
                              "--recipe", "cpu-small", *tiny, *flags_of_run)
     assert code == 0, err
