@@ -315,32 +315,25 @@ def check_seed(seed):
 
 
 def check_model_flags(args):
-    """The model's own checks (model.check_config), in the flags' names: a model the flags
-    describe but SHARNN would refuse is an InputError that names the flags."""
-    for flag in ("emsize", "nhid", "nlayers", "heads"):
-        if getattr(args, flag) < 1:
-            raise InputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.mem_len < 0:
-        raise InputError(f"--mem-len must be at least 0, got {args.mem_len}")
-    if args.nhid % args.emsize:
-        raise InputError(f"--nhid {args.nhid} must be a multiple of --emsize {args.emsize} "
-                         f"(the feed-forward sums nhid / emsize chunks of width emsize)")
-    if args.emsize % args.heads:
-        raise InputError(f"--emsize {args.emsize} must be divisible by --heads {args.heads}")
-    if isinstance(args.attn_layers, list):
-        bad = [i for i in args.attn_layers if not 0 <= i < args.nlayers]
-        if bad:
-            raise InputError(f"--attn-layers {bad[0]} is not a block of --nlayers {args.nlayers} "
-                             f"(0 to {args.nlayers - 1})")
-    for flag in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop"):
-        value = getattr(args, flag, 0.0)
-        if not 0.0 <= value < 1.0:
-            raise InputError(f"--{flag} must be at least 0 and below 1, got {value}")
+    """The model's own checks (model.check_config) on the model the flags describe, as an
+    InputError in the flags' names."""
+    from model import attention_blocks, check_config  # here: flags.py itself needs no torch
+    names = {key: "--" + flag.replace("_", "-") for flag, key in MODEL_FLAGS.items()}
+    dropouts = {flag: getattr(args, flag, 0.0)
+                for flag in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")}
+    names.update({flag: "--" + flag for flag in dropouts})
+    try:
+        check_config(None, args.emsize, args.nhid, args.nlayers,
+                     attention_blocks(args.attn_layers, args.nlayers), args.heads, args.mem_len,
+                     dropouts, names)
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 def check_args(args):
-    """Impossible flag values and combinations, as InputError (before anything is loaded)."""
-    check_model_flags(args)
+    """Impossible flag values and combinations, as InputError (before anything is loaded;
+    the model flags are checked once a recipe and a checkpoint have set them:
+    check_model_flags)."""
     if args.bptt < 5:
         raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
     minimum = {"--batch_size": 1, "--accumulate": 1, "--log-interval": 1, "--max-nonfinite": 1,
@@ -469,6 +462,7 @@ def resolve_flags(argv, load_start):
     if saved or recipe:
         args = parse_args(argv, {**saved, **recipe})
         check_args(args)
+    check_model_flags(args)
     sources = {k: "checkpoint" for k in saved}
     sources.update({k: f"recipe {args.recipe}" for k in recipe})
     sources.update({k: "given" for k in given})

@@ -165,26 +165,33 @@ def lstm_needs_float32(x):
             and torch.get_autocast_dtype("cpu") == torch.float16)
 
 
-def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts):
-    """Raise ValueError on an impossible model configuration."""
-    for name, value in (("ntoken", ntoken), ("ninp", ninp), ("nhid", nhid), ("nlayers", nlayers),
-                        ("heads", heads)):
+def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts, names=None):
+    """Raise ValueError on an impossible model configuration. `names` gives the word each
+    message uses for an argument (main.py's flag names; default: the argument's own);
+    `ntoken` None leaves the vocabulary unchecked (flags are checked before it is known)."""
+    def name(key):
+        return (names or {}).get(key, key)
+
+    sizes = dict(ninp=ninp, nhid=nhid, nlayers=nlayers, heads=heads)
+    if ntoken is not None:
+        sizes = dict(ntoken=ntoken, **sizes)
+    for key, value in sizes.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ValueError(f"{name(key)} must be a positive integer, got {value!r}")
     if mem_len < 0:
-        raise ValueError(f"mem_len must be >= 0, got {mem_len}")
+        raise ValueError(f"{name('mem_len')} must be >= 0, got {mem_len}")
     if nhid % ninp:
-        raise ValueError(f"nhid ({nhid}) must be a multiple of ninp ({ninp}): Boom sums "
-                         "nhid / ninp chunks of width ninp")
+        raise ValueError(f"{name('nhid')} {nhid} must be a multiple of {name('ninp')} {ninp}: "
+                         f"the Boom layer sums chunks of that width")
     if ninp % heads:
-        raise ValueError(f"ninp ({ninp}) must be divisible by heads ({heads})")
+        raise ValueError(f"{name('ninp')} {ninp} must be divisible by {name('heads')} {heads}")
     bad = [i for i in attn_layers if not 0 <= i < nlayers]
     if bad:
-        raise ValueError(f"attention block index {bad[0]} is out of range for {nlayers} blocks "
-                         f"(valid: 0..{nlayers - 1})")
-    for name, p in dropouts.items():
+        raise ValueError(f"attention block {bad[0]} ({name('attn_layers')}) is out of range for "
+                         f"{name('nlayers')} {nlayers} (0 to {nlayers - 1})")
+    for key, p in dropouts.items():
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {p}")
+            raise ValueError(f"{name(key)} must be in [0, 1), got {p}")
 
 
 def attention_blocks(attn_layers, nlayers):

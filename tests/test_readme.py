@@ -41,6 +41,7 @@ def test_readme_main_commands_parse():
     for argv in found:
         args = flags.parse_args(argv[argv.index("main.py") + 1:])
         flags.check_args(args)
+        flags.check_model_flags(args)
 
 
 def test_the_paper_commands_are_in_the_readme_unchanged():

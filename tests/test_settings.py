@@ -122,6 +122,15 @@ def test_recipe_cpu_small_trains_exactly_like_its_flag_list(corpus_dir, tmp_path
         assert torch.equal(value, weights[1][key]), key
 
 
+def test_model_flags_are_checked_against_the_recipe_not_the_papers_defaults():
+    """--heads 3 divides cpu-small's width 192 (not the paper's 1024); block 3 is beyond its
+    2 blocks (not the paper's 4)."""
+    args, _, _, _ = flags.resolve_flags(["--recipe", "cpu-small", "--heads", "3"], lambda args: None)
+    assert (args.emsize, args.heads) == (192, 3)
+    with pytest.raises(flags.InputError, match="--nlayers 2"):
+        flags.resolve_flags(["--recipe", "cpu-small", "--attn-layers", "3"], lambda args: None)
+
+
 def test_help_lists_every_recipe_with_one_line():
     text = flags.build_parser().format_help()
     for name, (what, _) in flags.RECIPES.items():
