@@ -48,8 +48,8 @@ def machine():
 
 
 def measure_row(device, sizes, attn, amp, compile_, steps):
-    """(train ms, train tokens/s, train peak GiB, eval tokens/s, eval peak GiB) of one
-    configuration, from bench.py's timing of its step."""
+    """(train tokens/s, train peak GiB, eval tokens/s, eval peak GiB) of one configuration,
+    from bench.py's timing of its step."""
     flags = ["--device", device, "--amp", amp, "--steps", str(steps), "--warmup-steps", "2"]
     flags += [x for k, v in sizes.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     flags += [] if attn == "default" else ["--attn-layers", attn]
@@ -58,15 +58,14 @@ def measure_row(device, sizes, attn, amp, compile_, steps):
         args = bench.build_parser().parse_args(flags + mode + (["--compile"] if compile_ else []))
         times, dev = bench.timed(args, quiet=True)
         median = statistics.median(times["model"])
-        result += [1000 * median, sizes["bptt"] * sizes["batch_size"] / median,
-                   bench.peak_memory_mb(dev) / 1024]
-    return result[0], result[1], result[2], result[4], result[5]
+        result += [sizes["bptt"] * sizes["batch_size"] / median, bench.peak_memory_mb(dev) / 1024]
+    return tuple(result)
 
 
 def throughput_table(device, sizes, deadline, reserve, compile_modes=(False, True), steps=5):
     """The Markdown rows of every model x precision x compile within the deadline, leaving
-    `reserve` seconds; and the eager fp16 step time of the first model, in seconds."""
-    rows, fp16_step = [], None
+    `reserve` seconds."""
+    rows = []
     for compile_ in compile_modes:
         for attn in MODELS:
             label = (f"attention in block {sizes['nlayers'] - 2}" if attn == "default"
@@ -77,18 +76,16 @@ def throughput_table(device, sizes, deadline, reserve, compile_modes=(False, Tru
                     rows.append(cells + " skipped: no time left | | | |")
                     continue
                 try:
-                    ms, train, train_mem, evaluate, eval_mem = measure_row(
+                    train, train_mem, evaluate, eval_mem = measure_row(
                         device, sizes, attn, amp, compile_, steps)
                 except (RuntimeError, InputError) as e:  # out of memory, a compiler failure
                     rows.append(cells + f" failed: {str(e).strip().splitlines()[0][:60]} | | | |")
                     continue
-                if amp == "fp16" and attn == "default" and not compile_:
-                    fp16_step = ms / 1000
                 rows.append(cells + f" {train:,.0f} | {train_mem:,.1f} | {evaluate:,.0f} | "
                                     f"{eval_mem:,.1f} |")
     header = ["| model | precision | compile | train tokens/s | train peak GiB | eval tokens/s "
               "| eval peak GiB |", "|---|---|---|---:|---:|---:|---:|"]
-    return header + rows, fp16_step
+    return header + rows
 
 
 def train_run(device, budget, extra=()):
@@ -140,7 +137,7 @@ def check(device="cuda", sizes=PAPER_SIZES, budget=TRAIN_BUDGET, deadline_s=DEAD
     started = time.monotonic()
     deadline = started + deadline_s
     reserve = budget_seconds(budget) + 30  # the training run, with its start and end
-    table, _ = throughput_table(device, sizes, deadline, reserve, compile_modes, steps)
+    table = throughput_table(device, sizes, deadline, reserve, compile_modes, steps)
     lines = [f"GPU check on {machine()}, {time.strftime('%Y-%m-%d')}: the training step and "
              f"evaluation at bptt {sizes['bptt']}, batch {sizes['batch_size']}, emsize "
              f"{sizes['emsize']}, nhid {sizes['nhid']}, {sizes['nlayers']} blocks, memory "
