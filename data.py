@@ -135,11 +135,14 @@ def _save_cache(path, state):
         atomic_save(state, str(path))
 
 
+def split_files(folder):
+    """The files prepare.py writes into a corpus folder: the splits and their raw bytes."""
+    return [str(Path(folder) / f"{split}.txt{raw}") for split in SPLITS for raw in ("", ".raw")]
+
+
 def corpus_files(folder):
     """The files a corpus folder holds: the splits, their raw bytes and the cache."""
-    folder = Path(folder)
-    return [str(folder / f"{split}.txt{raw}") for split in SPLITS for raw in ("", ".raw")] + \
-        [str(folder / CACHE_NAME)]
+    return split_files(folder) + [str(Path(folder) / CACHE_NAME)]
 
 
 class Corpus:

@@ -201,7 +201,7 @@ def claim_run(args, paths, start, corpus_files, tmp):
     claim(outs, inputs, args.overwrite, locks=True)
     if tmp:
         return None
-    locks = Locks([out for out in outs[:3]])
+    locks = Locks(outs[:3])  # --save, --last, --run-dir
     for key in ("save", "last"):
         remove_stale_temporaries(paths[key])
     args.last, args.run_dir = paths["last"], paths["run_dir"]  # saved: --continue finds them

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import SPLITS
+from data import SPLITS, split_files
 from flags import InputError
 from outputs import Output, claim
 from tokens import NEWLINE
@@ -214,8 +214,7 @@ def claim_corpus(out_dir, inputs):
     for path in map(Path, inputs):
         if path.is_dir() and out.resolve().is_relative_to(path.resolve()):
             raise InputError(f"{out} is inside the input folder {path}; write the corpus elsewhere")
-    files = [Output("OUTDIR", str(out / f"{split}.txt{raw}"), replaces=True)
-             for split in SPLITS for raw in ("", ".raw")]
+    files = [Output("OUTDIR", path, replaces=True) for path in split_files(out)]
     claim([Output("OUTDIR", str(out), folder=True)] + files,
           [("an input", str(path)) for path in inputs])
 
