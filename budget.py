@@ -19,7 +19,8 @@ import torch
 from data import get_batch
 from flags import InputError, budget_seconds, by_limit
 from runtime import agree
-from training import epoch_batches, evaluate, make_step, sample_seq_len, steps_in, train_step, twin
+from training import (epoch_batches, evaluate, lr_at, make_step, sample_seq_len, steps_in,
+                      train_step, twin)
 
 WARM, TIMED = 5, 20     # training steps: untimed, then timed
 MARGIN = 0.03           # of the budget, left for checkpoint writes and the unforeseen
@@ -71,9 +72,8 @@ def time_steps(run):
             i, hidden, mems = 0, None, None
         x, y = get_batch(run.train_data, i, seq_len)
         update = n % args.accumulate == 0
-        _, hidden, mems, pending, _ = train_step(step, x, y, hidden, mems, pending,
-                                                 args.lr * min(n + 1, args.warmup) / args.warmup,
-                                                 update)
+        lr = lr_at(n + 1, n // args.accumulate + 1, args.lr, args.warmup)  # the run's warmup
+        _, hidden, mems, pending, _ = train_step(step, x, y, hidden, mems, pending, lr, update)
         i += x.shape[0]
     synchronize(step.device)
     return (clock() - start) / TIMED * args.accumulate
