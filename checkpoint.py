@@ -479,11 +479,12 @@ def save_best(run, progress, val_loss):
     return written
 
 
-def record_test(run, test_loss):
-    """Add the test result to the metrics of the best checkpoint (just tested)."""
+def record_test(run, best, test_loss):
+    """Add the test result to the metrics of the best checkpoint, `best` as load_checkpoint
+    read it for the test."""
     def make():
-        ckpt = torch.load(run.paths["save"], map_location="cpu", weights_only=True)
-        ckpt["metrics"].update(test_loss=test_loss, test_bpc=test_loss / LOG2)
+        ckpt = {k: v for k, v in best.items() if k not in ("kind", "path")}  # the file's fields
+        ckpt["metrics"] = dict(best["metrics"], test_loss=test_loss, test_bpc=test_loss / LOG2)
         return ckpt
 
     write_collectively(run, make, run.paths["save"])

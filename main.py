@@ -245,8 +245,9 @@ def test(run, progress):
     """Load the best checkpoint this run wrote (if any) and report test loss/ppl/bpc; True
     when reported. A signal during the test (one process) stops it; the checkpoints are
     already written."""
-    if progress.best_val < float("inf"):
-        run.model.load_strict(ckpt.load_checkpoint(run.paths["save"])["model"])
+    best = ckpt.load_checkpoint(run.paths["save"]) if progress.best_val < float("inf") else None
+    if best:
+        run.model.load_strict(best["model"])
     else:
         run.log("This run wrote no best checkpoint (no validation finished); testing the "
                 "weights it ends with")
@@ -262,8 +263,8 @@ def test(run, progress):
     run.log("=" * 89)
     report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
-    if progress.best_val < float("inf"):
-        ckpt.record_test(run, test_loss)
+    if best:
+        ckpt.record_test(run, best, test_loss)
     run.log.metrics(type="test", step=progress.steps, test_loss=test_loss,
                     test_bpc=test_loss / LOG2, time=time.time())
     if run.args.dynamic_eval:
