@@ -33,7 +33,7 @@ from data import Corpus, corpus_files, get_batch
 from dyneval import dynamic_evaluate
 from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
                    resolve_flags, settings_line)
-from runtime import Dist, Stop, agree, amp_mode, pick_device, setup_distributed
+from runtime import Dist, Stop, agree, amp_mode, leave, pick_device, setup_distributed
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
                       check_fits, device_data, evaluate, lr_at, make_step, place_model, plan_run,
                       sample_seq_len, train_step)
@@ -294,10 +294,24 @@ def eval_only(run):
 
 # --- setup -------------------------------------------------------------------------------
 
-def setup(args, start, paths, stop, sources, started):
+def claim_outputs(args, paths, start, d, device, tmp):
+    """Rank 0 claims the run's outputs and locks them (outputs.claim_run); under torchrun the
+    ranks agree on the outcome, so that a refused run ends on every rank at once (rank 0
+    says why) instead of leaving the others waiting for it."""
+    lock = refused = None
+    if not args.eval_only and d.main:  # rank 0 writes
+        try:
+            lock = outputs.claim_run(args, paths, start, corpus_files(args.data), tmp)
+        except InputError as e:
+            refused = e
+    if agree(d, device, float(refused is not None))[0]:
+        raise refused or InputError("rank 0 refused the run's outputs")
+    return lock
+
+
+def setup(args, d, device, start, paths, stop, sources, started):
     """Load data and weights, and build the Run and its Progress; with --budget, measure
     and fix the run's steps (budget.py) before any record is written."""
-    d, device = setup_distributed(pick_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dynamic_eval and d.world > 1:
@@ -449,30 +463,30 @@ def main(argv=None):
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
-            if not args.eval_only and launched_rank() == 0:  # rank 0 writes
-                lock = outputs.claim_run(args, paths, start, corpus_files(args.data), tmp)
-            run, progress = setup(args, start, paths, stop, sources, started)
+            d, device = setup_distributed(pick_device(args.device))
+            lock = claim_outputs(args, paths, start, d, device, tmp)
+            run, progress = setup(args, d, device, start, paths, stop, sources, started)
             try:
                 code = execute(run, progress, notes)
             finally:
                 run.log.close()
-            if dist.is_initialized():
-                dist.barrier()  # no rank tears the group down while another still talks to it
-            return code
+            if d.world > 1:
+                dist.barrier()  # no rank leaves while another still talks to it
     except InputError as e:
         if launched_rank() == 0:  # once under torchrun
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
     finally:
         if lock:
             lock.release()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        leave(code)  # a torchrun worker ends here, its run objects still alive
+    return code
 
 
 if __name__ == "__main__":

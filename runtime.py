@@ -95,6 +95,17 @@ def setup_distributed(device):
     return Dist(rank, world), device
 
 
+def leave(code):
+    """End a torchrun worker with exit code `code`, at once, once its work is done (its
+    checkpoints, records and locks written and released). The usual teardown would destroy
+    the gloo process group with the interpreter lock held, while the group's worker thread
+    may still need that lock to free the tensors of the last collective: a deadlock, or an
+    abort at exit, that torch hits now and then. Exiting here skips that teardown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def all_sum(t, d):
     if d.world > 1:
         dist.all_reduce(t)

@@ -115,3 +115,13 @@ def test_the_ranks_agree_on_the_steps_a_budget_buys(tmp_path):
                  .group(1).replace(",", ""))  # rank 1's 2x slower step, agreed by both
     last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
     assert last["progress"]["steps"] == last["args"]["max_steps"] == chosen
+
+
+def test_a_refused_output_ends_every_rank_at_once(runs):
+    tmp, data, _, _ = runs
+    refused = torchrun("--data", data, "--save", str(tmp / "two.pt"), *SMALL_NODROP)
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: --save") == 1  # rank 0 says why, once
+    # Each worker exits with code 2 itself: none is left waiting for rank 0 until the
+    # launcher kills it.
+    assert refused.stderr.count("exitcode  : 2") == 2 and "SIGKILL" not in refused.stderr
