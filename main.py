@@ -470,7 +470,7 @@ def main(argv=None):
                 code = execute(run, progress, notes)
             finally:
                 run.log.close()
-            if d.world > 1:
+            if dist.is_initialized():
                 dist.barrier()  # no rank leaves while another still talks to it
     except InputError as e:
         if launched_rank() == 0:  # once under torchrun
