@@ -166,9 +166,15 @@ class RunLog:
             f.write(text)
             f.flush()
         except OSError as e:
-            self.failure = f"cannot write the run records in {self.run_dir}: {e.strerror or e}"
-            if self.on_failure:
-                self.on_failure()
+            self.fail(f"cannot write the run records in {self.run_dir}: {e.strerror or e}")
+
+    def fail(self, why):
+        """A record could not be written: no record after it, and the run is told once."""
+        if self.failure:
+            return
+        self.failure = why
+        if self.on_failure:
+            self.on_failure()
 
     def close(self):
         for f in (self.log, self.metrics_file, self.board):
@@ -209,9 +215,9 @@ class Board:
 
 
 def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """`obj` as indented JSON, written atomically (atomic_write)."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def append_json_line(path, obj):

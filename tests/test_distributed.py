@@ -96,6 +96,7 @@ sys.path.insert(0, {root!r})
 import budget, main
 ticks, rank = itertools.count(), int(os.environ["RANK"])
 budget.clock = lambda: next(ticks) * 0.01 * (1 + rank)  # rank 1 measures everything as 2x slower
+budget.process_age = lambda: 0.0  # the budget counts from the first reading
 sys.exit(main.main(sys.argv[1:]))
 """
 
