@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+import sys
 
 # The paper's enwik8 first pass, every hyper-parameter in one place.
 PAPER = dict(
@@ -84,6 +85,9 @@ def attn_layers_flag(text):
                                          f"indices, got {text!r}") from None
 
 
+LONGEST_BUDGET = ("8760h", 8760 * 3600)  # a year: any longer is a typo
+
+
 def budget_seconds(text):
     """Seconds of a duration such as 90s, 5min, 2h or 1.5h; None when it is not one."""
     found = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(s|min|h)", text.strip())
@@ -97,6 +101,9 @@ def budget_flag(text):
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 5min or 2h, got {text!r}")
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    if seconds > LONGEST_BUDGET[1]:
+        raise argparse.ArgumentTypeError(f"the budget must be at most {LONGEST_BUDGET[0]} (a "
+                                         f"year), got {text if len(text) < 40 else text[:37] + '...'}")
     return text.strip()
 
 
@@ -302,6 +309,11 @@ def parse_args(argv=None, saved=None):
     parser = build_parser()
     if saved:
         parser.set_defaults(**saved)
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, value in zip(argv, [*argv[1:], None]):
+        if flag == "--budget" and (value is None or value.startswith("-")):  # argparse: an option
+            parser.error("argument --budget: expected a positive duration such as 90s, 5min or "
+                         "2h" + (f", got {value!r}" if value else ""))
     return parser.parse_args(argv)
 
 
@@ -420,7 +432,7 @@ def settings_line(args, sources):
     return "Settings: " + ", ".join(shown)
 
 
-FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
+FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax", "recipe")
 
 
 def check_continue_flags(args, saved):
@@ -432,6 +444,9 @@ def check_continue_flags(args, saved):
             flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
             raise InputError(f"{flag} cannot change on --continue (the run has "
                              f"{saved[key]}); start a new run from its weights with --resume")
+    if args.budget and not saved.get("budget"):
+        raise InputError(f"--budget cannot be added on --continue: the run was planned without "
+                         f"one; give --max-steps to end it sooner or later")
     if saved.get("budget") and args.budget != saved["budget"]:
         raise InputError(f"--budget cannot change on --continue: the run's budget "
                          f"({saved['budget']}) fixed --max-steps {saved['max_steps']}; give a "
@@ -446,8 +461,9 @@ def changed_flags(args, saved):
 
 def resolve_flags(argv, load_start):
     """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
-    flags not given take, in this order, a --recipe's values (with --budget, its budget's),
-    the checkpoint's (flags_from) and the defaults. Returns (args, start checkpoint or None,
+    flags not given take, in this order, a --recipe's values (with --budget, its budget's;
+    never the model's size when a checkpoint gives it, and nothing on --continue), the
+    checkpoint's (flags_from) and the defaults. Returns (args, start checkpoint or None,
     {flag: where its value came from}, notes to log once the run starts)."""
     args = parse_args(argv)  # first: --help and bad values are answered by the real parser
     given = given_flags(argv)
@@ -456,9 +472,11 @@ def resolve_flags(argv, load_start):
     saved = flags_from(start, args, given)
     if {"budget", "max_steps"} <= given:
         raise InputError("--budget chooses --max-steps itself; give one of them")
-    recipe = RECIPES[args.recipe][1] if "recipe" in given else {}
-    if "recipe" in given and args.budget:
+    recipe = RECIPES[args.recipe][1] if "recipe" in given and not args.continue_from else {}
+    if recipe and args.budget:
         recipe = {**recipe, **budget_recipe(args.recipe, args.budget)}
+    recipe = {k: v for k, v in recipe.items() if not (k in MODEL_FLAGS and k in saved)}  # a
+    # checkpoint's model is its own: a recipe sets how it trains
     if saved or recipe:
         args = parse_args(argv, {**saved, **recipe})
         check_args(args)

@@ -13,6 +13,11 @@ training.py; docs/model.md describes what each part computes.
 Also runs under `torchrun --nproc_per_node=N main.py ...` (DistributedDataParallel).
 """
 
+import signal
+
+if __name__ == "__main__":  # a signal during the imports (seconds) waits for main()'s handlers
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
 import os
 import shutil
 import sys
@@ -498,6 +503,7 @@ def main(argv=None):
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)

@@ -259,6 +259,13 @@ def main_cases(w):
         "budget abc": ([*new, "--budget", "abc"], "--budget"),
         "budget and max steps": ([*new, "--budget", "5min", "--max-steps", "10"], "--budget"),
         "budget shorter than the measurement": ([*new, "--budget", "0.001s"], "too short"),
+        "budget negative, as its own word": ([*new, "--budget", "-5min"], "--budget"),
+        "budget without a value": ([*new, "--budget"], "--budget"),
+        "budget beyond a year": ([*new, "--budget", "9" * 60 + "h"], "at most 8760h"),
+        "budget overflowing a float": ([*new, "--budget", "9" * 400 + "h"], "at most 8760h"),
+        "budget added on continue": (["--continue", w.last, "--budget", "20s"], "--budget"),
+        "recipe changed on continue": (["--continue", w.last, "--recipe", "cpu-small"],
+                                       "--recipe"),
         **{f"resume a model folder {name}": ([*new, "--resume", w.folders[name]], needle)
            for name, needle in (("without weights", "model.safetensors"),
                                 ("config not json", "not JSON"),

@@ -2,11 +2,13 @@
 steps, and from then on is exactly the run of --max-steps N --cooldown M while the machine
 keeps its speed; when it slows down, the run re-plans to end within its budget."""
 
-import itertools
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import budget
 import flags
 import main
 import training
-from conftest import SMALL, run_cli
+from conftest import ROOT, SMALL, run_cli
 
 
 class Simulated:
@@ -256,3 +258,67 @@ def test_a_run_stopped_after_a_re_plan_continues_to_the_same_weights(corpus_dir,
     assert ended["progress"]["replans"] == whole["progress"]["replans"]
     for key, value in whole["model"].items():
         assert torch.equal(value, ended["model"][key]), key
+
+
+def test_a_given_epochs_caps_the_budget_and_the_plan_says_so(corpus_dir, tmp_path, capsys, ticking):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s", "--epochs", "1")
+    assert code == 0, err
+    line = budget_line(out)
+    steps = int(re.search(r"Budget 0.5s: (\d+) optimizer steps", line).group(1))
+    assert "over 1 epoch(s)" in line and "--epochs 1 ends it sooner" in line
+    last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    assert last["progress"]["steps"] == steps == last["args"]["max_steps"]  # what runs
+    assert last["progress"]["epoch"] == 1
+
+
+def test_evaluating_a_budget_checkpoint_measures_and_plans_nothing(corpus_dir, tmp_path, capsys,
+                                                                  monkeypatch, ticking):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s")
+    assert code == 0, err
+    steps = torch.load(str(tmp_path / "b.pt"), weights_only=True)["args"]["max_steps"]
+    monkeypatch.setattr(budget, "measure", lambda *a: pytest.fail("measured"))
+    code, out, err = run_cli(capsys, "--eval-only", "--resume", str(tmp_path / "b.pt"),
+                             "--no-progress")
+    assert code == 0 and "| eval only | test" in out, err
+    assert "Budget " not in out and f"--max-steps {steps} [checkpoint]" in out
+
+
+def test_the_budget_counts_from_the_start_of_the_process(corpus_dir, tmp_path, capsys, monkeypatch,
+                                                         ticking):
+    monkeypatch.setattr(budget, "process_age", lambda: 0.49)  # imports took almost all of it
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s")
+    assert code == 2 and "too short" in err
+    script = "import time; time.sleep(1.2); import budget; print(budget.process_age())"
+    age = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert 1.2 <= float(age) < 10
+
+
+def test_planning_is_bounded_whatever_the_budget(tmp_path):
+    import numpy as np
+    ends, cut = budget.epoch_ends(np.random.RandomState(0), 100, 16, 1, 10**15)
+    assert cut and ends[-1] < 10**15 and sum(1 for _ in ends) > 1000
+    data = tmp_path / "data"
+    from conftest import sentences, write_corpus
+    write_corpus(data, sentences(100, 1), sentences(20, 2), sentences(20, 3))
+    for nines in (60, 400):  # once a hang in planning, once a float overflow
+        result = subprocess.run([sys.executable, "main.py", "--data", str(data), "--save",
+                                 str(tmp_path / "x.pt"), *SMALL, "--budget", "9" * nines + "h"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "at most 8760h" in result.stderr
+        assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "x.run")
+
+
+def test_a_signal_during_the_imports_ends_the_run_cleanly(corpus_dir, tmp_path):
+    run = subprocess.Popen([sys.executable, "main.py", "--data", corpus_dir, "--save",
+                            str(tmp_path / "s.pt"), *SMALL], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch takes longer
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "Stopped by a signal during start-up; nothing was trained" in out
+    assert not os.path.exists(tmp_path / "s.pt") and not os.path.exists(tmp_path / "s.last.pt")
