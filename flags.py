@@ -237,10 +237,13 @@ def build_parser():
                    help="end training after this many optimizer steps (validating then, as at "
                         "an epoch end), and end --cooldown there; None: run --epochs in full")
     g.add_argument("--budget", type=budget_flag, default=None, metavar="TIME",
-                   help="train for as many optimizer steps as fit in TIME (e.g. 5min, 2h, 24h: the "
-                        "whole run, validations and test included), measured on this machine "
-                        "over its first steps; sets --max-steps, and --cooldown to the recipe's "
-                        "share of it, unless given; None: no budget")
+                   help="end the whole run (validations and test included) within TIME from "
+                        "the process's start (e.g. 5min, 2h, 24h; at most 8760h): the steps "
+                        "are planned from the step measured at the start and cut when the "
+                        "machine slows down; sets --max-steps, --epochs and --cooldown (the "
+                        "recipe's share of the steps) unless given, and with a recipe its "
+                        "size and regularisation rules (flags.BUDGET_RULES); a given --epochs "
+                        "caps the steps")
     g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
