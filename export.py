@@ -41,7 +41,7 @@ import torch.nn as nn
 import modelfolder
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser
-from outputs import Output, claim
+from outputs import Output, checkpoint_inputs, claim
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -299,7 +299,7 @@ def check_args(args):
     outs = [Output("--output", args.output, folder=args.format == "safetensors")]
     if args.format == "safetensors":
         outs += [Output("--output", path) for path in modelfolder.files(args.output)]
-    claim(outs, [("the checkpoint", args.checkpoint)], args.overwrite)
+    claim(outs, checkpoint_inputs(args.checkpoint), args.overwrite)
 
 
 def load_model(path):

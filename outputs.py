@@ -14,6 +14,7 @@ import shlex
 import tempfile
 from dataclasses import dataclass
 
+import modelfolder
 from flags import InputError
 from utils import remove_stale_temporaries
 
@@ -50,6 +51,9 @@ def claim(outputs, inputs=(), overwrite=False, locks=False):
             if real(out.path) == real(path):
                 raise InputError(f"{out.flag} {out.path} is {what}, which this command reads; "
                                  f"choose another path")
+            if locks and real(out.lock) == real(path):
+                raise InputError(f"the lock file of {out.flag} {out.path}, {out.lock}, is {what}, "
+                                 f"which this command reads; choose another path")
         if not out.folder and os.path.exists(out.path) and not out.replaces and not overwrite:
             raise InputError(f"{out.flag} {out.path} exists; choose a new path" +
                              (", or pass --overwrite to replace it" if overwrite is not None else ""))
@@ -62,6 +66,16 @@ def claim(outputs, inputs=(), overwrite=False, locks=False):
                                  f"name the same file (a lock file is PATH.lock); give each "
                                  f"its own")
             named[key] = out
+
+
+def checkpoint_inputs(path, what="the checkpoint"):
+    """The (description, path) inputs of a checkpoint argument: the file, or a model folder
+    (modelfolder.py) with the two files it holds."""
+    if not os.path.isdir(path):
+        return [(what, path)]
+    weights, config = modelfolder.files(path)
+    return [(f"the model folder {path}", path), (f"the weights of the model folder {path}", weights),
+            (f"the description of the model folder {path}", config)]
 
 
 def check_path(out, made=()):
@@ -186,12 +200,24 @@ def run_outputs(args, paths, start):
     return outs
 
 
+def start_inputs(args, paths):
+    """The checkpoint a run starts from, as inputs (checkpoint_inputs), unless it is the one
+    file the run may replace: the last checkpoint it continues, or the --save it resumes
+    from (the paper's second pass)."""
+    flag, source = ("--continue", args.continue_from) if args.continue_from else ("--resume", args.resume)
+    own = paths["last"] if args.continue_from else paths["save"]
+    if not source or real(source) == real(own):
+        return []
+    return checkpoint_inputs(source, f"the checkpoint {flag} reads")
+
+
 def claim_run(args, paths, start, corpus_files, tmp):
     """Before anything is written: check every output of the run (a dry run checks the
     real ones too, then writes into its temporary folder), then lock them and clear what an
     earlier crash left of their temporary files. Returns the Locks (None for a dry run)."""
     real_paths = plan(args, None) if tmp else paths
     inputs = [("the corpus folder", args.data)] + [("a corpus file", f) for f in corpus_files]
+    inputs += start_inputs(args, real_paths)
     outs = run_outputs(args, real_paths, start)
     if args.run_dir and not args.continue_from and has_records(real_paths["run_dir"]):
         raise InputError(f"--run-dir {real_paths['run_dir']} holds another run's records; choose "

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -87,6 +88,7 @@ def world(tmp_path_factory):
     root.joinpath("rd").mkdir()
     root.joinpath("exists.pt").write_text("another run's weights\n")
     torch.save([torch.nn.Linear(2, 2), None, None], w.p("model.pt"))
+    shutil.copy(w.good, w.p("held.pt.lock"))  # a checkpoint named as a lock file
     with open(w.p("evil.pkl"), "wb") as f:
         pickle.dump(Boom(w.p("pwned")), f)
     w.readonly = root / "readonly"
@@ -107,9 +109,8 @@ def world(tmp_path_factory):
 
 def broken_folders(w):
     """Model folders (export.py --format safetensors) broken in one way each."""
-    import shutil
     from safetensors.torch import load_file, save_file
-    good = w.p("good-model")
+    good = w.model = w.p("good-model")
     assert quietly(export.main, ["--checkpoint", w.good, "--format", "safetensors",
                                  "--output", good]) == 0
     w.folders = {}
@@ -216,6 +217,22 @@ def main_cases(w):
         "last is the run folder": (["--save", w.p("o5"), "--last", w.p("o5.run")], "same file"),
         "last and run dir are one path": ([*new, "--last", w.p("x.pt"), "--run-dir", w.p("x.pt")],
                                           "same file"),
+        "save named .safetensors": (["--save", w.p("m.safetensors")], "export.py --format safetensors"),
+        "save is the resumed folder's weights": (["--resume", w.model, "--save",
+                                                  os.path.join(w.model, "model.safetensors"),
+                                                  "--overwrite"], ".safetensors"),
+        "last named .safetensors": ([*new, "--last", w.p("m.last.SafeTensors")], "--last"),
+        "save is the resumed folder's description": (["--resume", w.model, "--save",
+                                                      os.path.join(w.model, "config.json"),
+                                                      "--overwrite"], "model folder"),
+        "run dir is the resumed folder": ([*new, "--resume", w.model, "--run-dir", w.model,
+                                           "--overwrite"], "model folder"),
+        "tensorboard is the resumed folder": ([*new, "--resume", w.model, "--tensorboard",
+                                               w.model], "model folder"),
+        "last is the resumed checkpoint": ([*new, "--resume", w.good, "--last", w.good,
+                                            "--overwrite"], "--resume reads"),
+        "save's lock file is the resumed checkpoint": (["--save", w.p("held.pt"), "--resume",
+                                                        w.p("held.pt.lock")], "lock file"),
         "run dir holds another run": ([*new, "--run-dir", w.p("records")], "another run"),
         "run dir file is the last": ([*new, "--run-dir", w.p("rd"), "--last",
                                       w.p("rd", "log.txt")], "same file"),
@@ -301,6 +318,12 @@ def script_cases(w):
                                             "is a file"),
         "export: output is the checkpoint": ("export", ["--checkpoint", w.good, "--output", w.good],
                                              "the checkpoint"),
+        "export: output is the folder's weights": ("export", [
+            "--checkpoint", w.model, "--output", os.path.join(w.model, "model.safetensors"),
+            "--overwrite"], "model folder"),
+        "export: folder over itself": ("export", ["--checkpoint", w.model, "--format",
+                                                  "safetensors", "--output", w.model,
+                                                  "--overwrite"], "model folder"),
         "export: output exists": ("export", ["--checkpoint", w.good, "--output", w.p("exists.pt")],
                                   "--overwrite"),
         "export: output is a folder": ("export", ["--checkpoint", w.good, "--output",
@@ -345,6 +368,9 @@ def script_cases(w):
         "convert: out is the file": ("checkpoint", ["convert-pickle", w.p("model.pt"), "--out",
                                                     w.p("model.pt"), "--trust-this-file"],
                                      "the pickled file"),
+        "convert: out named .safetensors": ("checkpoint", ["convert-pickle", w.p("evil.pkl"),
+                                                          "--out", w.p("w.safetensors"),
+                                                          "--trust-this-file"], ".safetensors"),
         "convert: truncated": ("checkpoint", ["convert-pickle", w.p("truncated.pt"), "--out",
                                               w.p("t.pt"), "--trust-this-file"], "cannot unpickle"),
     }
