@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import MODEL_FLAGS, InputError
+from flags import MODEL_FLAGS, InputError, check_checkpoint_name
 from outputs import Output, claim
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
@@ -514,6 +514,7 @@ def convert_pickle(path, out):
         raise InputError(f"{path} is a folder; give the pickled model file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
+    check_checkpoint_name("--out", out)
     claim([Output("--out", out)], [("the pickled file", path)])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)

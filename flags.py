@@ -330,6 +330,16 @@ def check_model_flags(args):
         raise InputError(str(error)) from None
 
 
+def check_checkpoint_name(flag, path):
+    """A torch checkpoint may not be named NAME.safetensors: torch.load reads a file of that
+    name as safetensors, so the checkpoint could not be loaded again."""
+    if path and path.lower().endswith(".safetensors"):
+        raise InputError(f"{flag} {path}: a checkpoint is a torch file, and torch.load reads a "
+                         f"file named .safetensors as safetensors, so it could not be loaded "
+                         f"again; give a .pt name (python export.py --format safetensors then "
+                         f"writes the weights as safetensors, in a model folder)")
+
+
 def check_args(args):
     """Impossible flag values and combinations, as InputError (before anything is loaded;
     the model flags are checked once a recipe and a checkpoint have set them:
@@ -357,6 +367,8 @@ def check_args(args):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not value.strip():
             raise InputError(f"{flag} is empty; give a file path")
+    for flag in ("--save", "--last"):
+        check_checkpoint_name(flag, getattr(args, flag[2:]))
     if args.eval_only and not args.resume:
         raise InputError("--eval-only needs --resume CHECKPOINT")
     if args.resume and args.continue_from:
