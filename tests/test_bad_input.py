@@ -87,6 +87,7 @@ def world(tmp_path_factory):
     root.joinpath("records", "log.txt").write_text("another run\n")
     root.joinpath("rd").mkdir()
     root.joinpath("exists.pt").write_text("another run's weights\n")
+    root.joinpath("thesis.pdf").write_bytes(b"%PDF-1.7 a thesis\n")
     torch.save([torch.nn.Linear(2, 2), None, None], w.p("model.pt"))
     shutil.copy(w.good, w.p("held.pt.lock"))  # a checkpoint named as a lock file
     with open(w.p("evil.pkl"), "wb") as f:
@@ -333,6 +334,8 @@ def script_cases(w):
         "plot: output is a folder": ("plot", [w.run, "--output", w.p("afolder")], "folder"),
         "plot: output is the records": ("plot", [w.run, "--output",
                                                  os.path.join(w.run, "metrics.jsonl")], "records"),
+        "plot: output exists": ("plot", [w.run, "--output", w.p("thesis.pdf")], "--overwrite"),
+        "plot: output is empty": ("plot", [w.run, "--output", ""], "--output is empty"),
         "bench: seed beyond 32 bits": ("bench", [*bench_flags, "--seed", "99999999999999999999"],
                                        "--seed"),
         "bench: steps beyond any run": ("bench", [*bench_flags, "--steps", "99999999999999999999"],
