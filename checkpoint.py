@@ -355,6 +355,21 @@ class Progress:
         self.tokens += tokens
 
 
+def best_to_beat(start, args, save, fingerprint):
+    """The validation loss a new run's first best checkpoint must beat: that of the
+    checkpoint it resumes from when that is its own --save (the paper's second pass,
+    `--resume X --save X`), so that a worse epoch never replaces X, provided X's validation
+    was measured on the same valid split (`fingerprint`, the corpus's SHA-256 per split);
+    else +inf, as in the original."""
+    if (start is None or start["kind"] != "sha-rnn" or not args.resume
+            or os.path.realpath(args.resume) != os.path.realpath(save)):
+        return float("inf")
+    recorded, corpus = start["metrics"].get("valid_loss"), start.get("corpus") or {}
+    if recorded is None or corpus.get("valid") != fingerprint["valid"]:
+        return float("inf")
+    return float(recorded)
+
+
 def carried_state(progress, d):
     """The carried LSTM states and memories of the whole batch (gathered across ranks)."""
     if progress.hidden is None:

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
 import checkpoint
 
 
@@ -162,3 +162,31 @@ def test_pickled_model_file_is_refused_with_conversion_advice(corpus_dir, tmp_pa
     assert result.returncode == 2
     assert "pickled" in result.stderr and "state_dict" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- the paper's second pass -------------------------------------------------------------
+
+def test_the_second_pass_replaces_its_save_only_with_a_better_validation(corpus_dir, tmp_path,
+                                                                        capsys):
+    """--resume X --save X: the best to beat is X's recorded validation on the same valid
+    split, so a ruined epoch (lr 100) keeps X, byte for byte (its test, measured again at
+    another bptt, is not written into it), and says so in one line; on another valid split
+    X's number does not count and the first validation replaces it."""
+    save = tmp_path / "m.pt"
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), *SMALL,
+                           "--epochs", "1")
+    assert code == 0, err
+    first = digest(save)
+    ruin = ["--save", str(save), "--resume", str(save), *SMALL, "--epochs", "1",
+            "--max-steps", "20", "--lr", "100", "--warmup", "1", "--bptt", "20"]
+    code, out, err = run_cli(capsys, "--data", corpus_dir, *ruin)
+    assert code == 0, err
+    assert digest(save) == first
+    assert "Saving model" not in out
+    kept = [line for line in out.splitlines() if line.startswith("Not saving")]
+    assert len(kept) == 1 and kept[0].endswith(f"which {save} keeps"), out
+    other = write_corpus(tmp_path / "other", sentences(600, 1), sentences(60, 7),
+                         sentences(60, 3))
+    code, out, err = run_cli(capsys, "--data", other, *ruin)
+    assert code == 0, err
+    assert "Saving model (new best validation)" in out and digest(save) != first
