@@ -437,13 +437,17 @@ FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax
 
 def check_continue_flags(args, saved):
     """Flags whose change --continue cannot honour (the optimizer state, the random streams,
-    the carried state's batch, the vocabulary, the steps a budget fixed): an error instead
-    of a silent no-op."""
+    the carried state's batch, the vocabulary, the best checkpoint the test reads, the steps
+    a budget fixed): an error instead of a silent no-op."""
     for key in FIXED_ON_CONTINUE:
         if key in saved and getattr(args, key) != saved[key]:
             flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
             raise InputError(f"{flag} cannot change on --continue (the run has "
                              f"{saved[key]}); start a new run from its weights with --resume")
+    if "save" in saved and os.path.realpath(args.save) != os.path.realpath(saved["save"]):
+        raise InputError(f"--save cannot change on --continue: the run's best checkpoint is "
+                         f"{saved['save']}, which its final test reads; drop --save, or start "
+                         f"a new run from its weights with --resume")
     if saved.get("budget") and args.budget != saved["budget"]:
         raise InputError(f"--budget cannot change on --continue: the run's budget "
                          f"({saved['budget']}) fixed --max-steps {saved['max_steps']}; give a "

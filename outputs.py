@@ -163,14 +163,13 @@ def plan(args, tmp):
                 "run_dir": os.path.join(tmp, "run"), "moved": None, "kept": False,
                 "tensorboard": args.tensorboard and os.path.join(tmp, "tensorboard")}
     stem = os.path.splitext(args.save)[0]
-    run_dir = args.run_dir or stem + ".run"
+    run_dir, moved = args.run_dir or stem + ".run", None
     if not args.run_dir and not args.continue_from:
         n = 2
         while has_records(run_dir):
-            run_dir, n = f"{stem}.run.{n}", n + 1
+            run_dir, moved, n = f"{stem}.run.{n}", stem + ".run", n + 1
     return {"save": args.save, "last": args.last or stem + ".last.pt", "run_dir": run_dir,
-            "moved": stem + ".run" if run_dir != stem + ".run" else None, "kept": True,
-            "tensorboard": args.tensorboard}
+            "moved": moved, "kept": True, "tensorboard": args.tensorboard}
 
 
 def run_outputs(args, paths, start):

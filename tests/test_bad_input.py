@@ -284,6 +284,8 @@ def main_cases(w):
                                 ("format version 2", "format_version"),
                                 ("wrong shapes", "encoder.weight"),
                                 ("garbage weights", "safetensors"))},
+        "continue with a new save": (["--continue", w.last, "--save", w.p("cc_new.pt")],
+                                     "--save cannot change on --continue"),
         **{f"continue: {name}": (["--continue", b[name], *last], needle) for name, needle in (
             ("no steps", "progress.steps is missing"), ("position beyond the data", "progress.i"),
             ("string epoch", "progress.epoch is a str"),

@@ -60,6 +60,11 @@ def test_a_new_run_tests_only_what_it_wrote_and_keeps_records_apart(corpus_dir, 
     assert digests(tmp_path / "m.run") == old_records
     assert "Run records in " + str(tmp_path / "m.run.2") in out
     assert (tmp_path / "m.run.2" / "log.txt").read_text() == out
+    # Its --continue goes on in m.run.2 and moves nothing: no line about an earlier run.
+    code, more, err = run_cli(capsys, "--continue", str(tmp_path / "m.last.pt"))
+    assert code == 0 and "This run is finished" in more, err
+    assert "earlier run" not in more and "run records " + str(tmp_path / "m.run.2") in more
+    assert (tmp_path / "m.run.2" / "log.txt").read_text() == out + more
 
 
 @pytest.mark.slow
