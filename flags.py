@@ -415,6 +415,79 @@ def flags_from(start, args, given=()):
     return saved
 
 
+def check_recorded(recorded, path):
+    """InputError naming the first field of a checkpoint's args (the flags its run was
+    trained with, `recorded`) that no command line gives: an unknown flag, a RUN_SETTINGS
+    value missing, a value of the wrong type, or one check_args refuses."""
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    for key in RUN_SETTINGS:
+        if key not in recorded:
+            raise InputError(f"checkpoint {path}: args.{key} is missing")
+    for key, value in recorded.items():
+        if key not in actions:
+            raise InputError(f"checkpoint {path}: unknown field args.{key}")
+        problem = value_problem(actions[key], value)
+        if problem is not None:
+            raise InputError(f"checkpoint {path}: args.{key} is {value!r}, not a value "
+                             f"{actions[key].option_strings[0]} takes" +
+                             (f" ({problem})" if problem else ""))
+    defaults = vars(parser.parse_args([]))
+    try:
+        check_args(argparse.Namespace(**dict(defaults, **recorded)))
+    except InputError as e:  # named by the field refused alone, where one is
+        alone = next((k for k in recorded if refused(dict(defaults, **{k: recorded[k]}))), None)
+        raise InputError(f"checkpoint {path}: args{'.' + alone if alone else ''}: {e}") from None
+
+
+def refused(values):
+    """True when check_args refuses the flag values of dict `values`."""
+    try:
+        check_args(argparse.Namespace(**values))
+    except InputError:
+        return True
+    return False
+
+
+def value_problem(action, value):
+    """None when `value` is one the parsing of `action`'s flag gives, else why not ("" when
+    the type alone says it)."""
+    if action.nargs == 0:  # store_true
+        return None if isinstance(value, bool) else ""
+    if value is None:
+        return None if action.default is None else ""
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, (list, tuple)):
+            return ""
+        return next((p for p in (item_problem(action, v) for v in value) if p is not None), None)
+    return item_problem(action, value)
+
+
+def item_problem(action, value):
+    """value_problem of one value: it must come back unchanged from the flag's type applied
+    to its text, and be one of the choices."""
+    if isinstance(value, bool):
+        good = False
+    elif action.type in (None, int, float):  # str, int, or a number (nan: check_args says why)
+        good = isinstance(value, {None: str, int: int, float: (int, float)}[action.type])
+    else:
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
+            text = f"{value[0]}{'min' if value[1] == 'min' else ''}"  # --save-interval
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))  # --attn-layers
+        else:
+            text = str(value)
+        try:
+            parsed = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            return str(e)
+        good = (list(parsed) == list(value) if isinstance(parsed, (list, tuple))
+                and isinstance(value, (list, tuple)) else parsed == value)
+    if good and action.choices is not None and value not in action.choices:
+        return f"choose from {', '.join(map(str, action.choices))}"
+    return None if good else ""
+
+
 UNSET = object()
 
 

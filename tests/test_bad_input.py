@@ -142,6 +142,8 @@ def broken_folders(w):
         json.dumps({"model_type": "gpt2", "n_layer": 12})))
     variant("format version 2", rewrite(lambda d: d.update(format_version=2)))
     variant("wrong shapes", shapes)
+    variant("unknown field", rewrite(lambda d: d.update(surprise=1)))
+    variant("a token twice", rewrite(lambda d: d["vocab"].__setitem__(1, d["vocab"][0])))
     variant("garbage weights", lambda p: open(os.path.join(p, "model.safetensors"), "wb").write(
         b"\xff" * 64))
 
@@ -163,6 +165,16 @@ def broken_checkpoints(w):
         "short vocabulary": lambda c: c.update(vocab=c["vocab"][:-1]),
         "nan weights": lambda c: c["model"]["decoder.bias"].fill_(float("nan")),
         "metrics a list": lambda c: c.update(metrics=[]),
+        "version 99": lambda c: c.update(version=99),
+        "a token twice": lambda c: c["vocab"].__setitem__(1, c["vocab"][0]),
+        "valid loss nan": lambda c: c["metrics"].update(valid_loss=float("nan")),
+        "bptt abc": lambda c: c["args"].update(bptt="abc"),
+        "lr nan": lambda c: c["args"].update(lr=float("nan")),
+        "when abc": lambda c: c["args"].update(when="abc"),
+        "cooldown 1e9": lambda c: c["args"].update(cooldown=1e9),
+        "interval of 0 minutes": lambda c: c["args"].update(save_interval=[0, "min"]),
+        "unknown flag": lambda c: c["args"].update(surprise=1),
+        "no bptt": lambda c: c["args"].pop("bptt"),
     }
     last = {
         "no steps": lambda c: c["progress"].pop("steps"),
@@ -174,6 +186,10 @@ def broken_checkpoints(w):
         "carry of another width": lambda c: c.update(carry={
             "hidden": [(torch.zeros(1, 4, 7), torch.zeros(1, 4, 7))] * 2, "mems": [None] * 2}),
         "optimizer without progress": lambda c: c.pop("progress"),
+        "sgd named on a LAMB state": lambda c: c["progress"].update(optimizer_name="sgd"),
+        "epoch beyond the steps": lambda c: c["progress"].update(epoch=10**6),
+        "best nan": lambda c: c["progress"].update(best_val=float("nan")),
+        "history of text": lambda c: c["progress"].update(val_history=["a"]),
     }
     w.broken = {name: tweaked(w.good, w.p(f"best {name}.pt"), change) for name, change in best.items()}
     w.broken.update({name: tweaked(w.last, w.p(f"last {name}.pt"), change)
@@ -265,7 +281,12 @@ def main_cases(w):
             ("string ninp", "config.ninp is a str"), ("no layers", "nlayers"),
             ("negative memory", "mem_len"), ("wrong shape", "encoder.weight"),
             ("short vocabulary", "vocab"), ("nan weights", "not finite"),
-            ("metrics a list", "metrics is a list"))},
+            ("metrics a list", "metrics is a list"), ("version 99", "version 99"),
+            ("a token twice", "twice"), ("valid loss nan", "metrics.valid_loss is nan"),
+            ("bptt abc", "args.bptt is 'abc'"), ("lr nan", "args.lr: --lr must be"),
+            ("when abc", "args.when is 'abc'"), ("cooldown 1e9", "args.cooldown is 1000000000.0"),
+            ("interval of 0 minutes", "args.save_interval is [0, 'min']"),
+            ("unknown flag", "unknown field args.surprise"), ("no bptt", "args.bptt is missing"))},
         "eval-only: wrong shape": (["--eval-only", "--resume", b["wrong shape"]], "encoder.weight"),
         "tensorboard folder of another run": ([*new, "--tensorboard", w.p("tb-other")], "another run"),
         "tensorboard is a file": ([*new, "--tensorboard", w.p("afile")], "--tensorboard"),
@@ -283,7 +304,9 @@ def main_cases(w):
                                 ("config of another model", "format"),
                                 ("format version 2", "format_version"),
                                 ("wrong shapes", "encoder.weight"),
-                                ("garbage weights", "safetensors"))},
+                                ("garbage weights", "safetensors"),
+                                ("unknown field", "unknown field surprise"),
+                                ("a token twice", "twice"))},
         "continue with a new save": (["--continue", w.last, "--save", w.p("cc_new.pt")],
                                      "--save cannot change on --continue"),
         **{f"continue: {name}": (["--continue", b[name], *last], needle) for name, needle in (
@@ -291,7 +314,11 @@ def main_cases(w):
             ("string epoch", "progress.epoch is a str"),
             ("optimizer of another model", "optimizer"), ("short random state", "rng.numpy_key"),
             ("no random state", "rng is missing"), ("carry of another width", "carry"),
-            ("optimizer without progress", "progress is missing"))},
+            ("optimizer without progress", "progress is missing"),
+            ("sgd named on a LAMB state", "optimizer_name 'sgd'"),
+            ("epoch beyond the steps", "progress.epoch (1000000)"),
+            ("best nan", "progress.best_val is nan"),
+            ("history of text", "progress.val_history"))},
     }
 
 
@@ -310,6 +337,12 @@ def script_cases(w):
         "generate: folder without weights": ("generate", ["--checkpoint",
                                                           w.folders["without weights"]],
                                              "model.safetensors"),
+        "generate: a token twice": ("generate", ["--checkpoint", b["a token twice"]], "twice"),
+        "generate: folder with a token twice": ("generate", ["--checkpoint",
+                                                             w.folders["a token twice"]], "twice"),
+        "export: folder with a token twice": ("export", ["--checkpoint", w.folders["a token twice"],
+                                                         "--format", "safetensors", "--output",
+                                                         w.p("x-model")], "twice"),
         "export: folder of another model": ("export", ["--checkpoint",
                                                       w.folders["config of another model"],
                                                       "--output", w.p("x.onnx")], "format"),
