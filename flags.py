@@ -398,6 +398,11 @@ def flags_from(start, args, given=()):
     SCHEDULE unless one of those flags is given."""
     if start is None:
         return {}
+    if start["kind"] == "sha-rnn":
+        missing = [k for k in RUN_SETTINGS if k not in start["args"]]
+        if missing:
+            raise InputError(f"checkpoint {start['path']}: args.{missing[0]} is missing (a run "
+                             f"takes its settings from the checkpoint's args)")
     if args.continue_from:
         saved = {k: v for k, v in start["args"].items() if k not in NOT_CARRIED}
         saved["save_interval"] = tuple(saved["save_interval"])
@@ -417,13 +422,10 @@ def flags_from(start, args, given=()):
 
 def check_recorded(recorded, path):
     """InputError naming the first field of a checkpoint's args (the flags its run was
-    trained with, `recorded`) that no command line gives: an unknown flag, a RUN_SETTINGS
-    value missing, a value of the wrong type, or one check_args refuses."""
+    trained with, `recorded`) that no command line gives: an unknown flag, a value of the
+    wrong type, or one check_args refuses."""
     parser = build_parser()
     actions = {a.dest: a for a in parser._actions if a.dest != "help"}
-    for key in RUN_SETTINGS:
-        if key not in recorded:
-            raise InputError(f"checkpoint {path}: args.{key} is missing")
     for key, value in recorded.items():
         if key not in actions:
             raise InputError(f"checkpoint {path}: unknown field args.{key}")
