@@ -234,10 +234,18 @@ def claim_run(args, paths, start, corpus_files, tmp):
 
 
 def check_tensorboard(folder, new):
-    """--tensorboard: the optional package is installed, and a new run's folder holds no
-    other run's events (their curves would mix)."""
+    """--tensorboard: the optional package is installed and imports (a protobuf of another
+    version breaks it), and a new run's folder holds no other run's events (their curves
+    would mix)."""
     if importlib.util.find_spec("tensorboard") is None:
         raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (what the run uses)
+    except Exception as e:  # whatever a broken installation raises
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise InputError(f"--tensorboard: the tensorboard package is installed but does not "
+                         f"import ({type(e).__name__}: {detail}); repair it, e.g. pip install "
+                         f"--upgrade tensorboard protobuf") from None
     events = os.path.isdir(folder) and any(name.startswith("events.out.tfevents")
                                            for name in os.listdir(folder))
     if new and events:
