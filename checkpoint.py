@@ -43,7 +43,7 @@ from flags import MODEL_FLAGS, InputError, check_checkpoint_name, check_recorded
 from outputs import Output, claim
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
-from utils import LOG2, atomic_save
+from utils import LOG2, atomic_save, say
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
 
@@ -566,7 +566,7 @@ def convert_pickle(path, out):
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{path} holds no model (found {type(model).__name__})")
     atomic_save(model.state_dict(), out)
-    print(f"wrote the state_dict of {path} to {out}; pass it to --resume")
+    say(f"wrote the state_dict of {path} to {out}; pass it to --resume")
 
 
 def main(argv=None):
