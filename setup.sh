@@ -37,6 +37,7 @@ if [ -f "$stamp" ]; then
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
+    [ -w . ] || fail "cannot create $venv: $(pwd) is not writable (clone the project where you can write)"
     echo "setup: creating $venv with $("$python" -V 2>&1)"
     "$python" -m venv "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
 fi
