@@ -554,7 +554,7 @@ def convert_pickle(path, out):
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
     check_checkpoint_name("--out", out)
-    claim([Output("--out", out)], [("the pickled file", path)])
+    claim([Output("--out", out)], [("the pickled file", path)], overwrite=None)  # no --overwrite
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as e:

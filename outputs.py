@@ -84,6 +84,9 @@ def check_path(out, made=()):
     resolved folder outputs, which are checked themselves)."""
     if not out.path.strip():
         raise InputError(f"{out.flag} is empty; give a path")
+    if os.path.normpath(out.path).endswith(".lock"):
+        raise InputError(f"{out.flag} {out.path}: a name ending in .lock is a lock file (a run "
+                         f"locks each output PATH as PATH.lock); choose another name")
     if out.folder:
         if os.path.exists(out.path) and not os.path.isdir(out.path):
             raise InputError(f"{out.flag} {out.path} is a file; it must be a folder")

@@ -260,3 +260,7 @@ def test_pickled_file_advice_is_safe_and_the_converter_needs_consent(corpus_dir,
     assert done.returncode == 0, done.stderr
     state = torch.load(path + ".state_dict.pt", weights_only=True)
     assert set(state) == {"weight", "bias"} and state["weight"].shape == (2, 3)
+    again = subprocess.run(convert + ["--trust-this-file"], capture_output=True, text=True,
+                           timeout=120)  # the converter has no --overwrite: none is advised
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "exists; choose a new path" in again.stderr and "--overwrite" not in again.stderr
