@@ -247,6 +247,9 @@ def prepare_text(paths, out_dir, fraction=0.05):
         raise InputError(f"--fraction must be between 0 and 0.5, got {fraction}")
     claim_corpus(out_dir, paths)
     data = read_text(paths)
+    if data and int(len(data) * fraction) < 1:
+        raise InputError(f"--fraction {fraction:g} of {len(data):,} bytes is less than one byte "
+                         f"per held-out split; give --fraction {1 / len(data):.2g} or more")
     parts = _held_out_parts(data, int(len(data) * fraction), " ".join(map(str, paths)))
     _write_nonempty(out_dir, parts)
 
@@ -255,6 +258,14 @@ def prepare_splits(train, valid, test, out_dir):
     """A byte-level corpus folder from three explicit sources (each a file or a folder,
     read as text_files does), used as they are."""
     claim_corpus(out_dir, [train, valid, test])
+    named = {split: {p.resolve() for p in text_files([path])}
+             for split, path in zip(SPLITS, (train, valid, test))}
+    for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        shared = sorted(named[first] & named[second])
+        if shared:
+            raise InputError(f"--{first} and --{second} both hold {shared[0]}: the {second} split "
+                             f"would score text of the {first} split; give each split its own "
+                             f"text (or one text to split: prepare.py text PATH OUTDIR)")
     _write_nonempty(out_dir, {split: read_text([path])
                               for split, path in zip(SPLITS, (train, valid, test))})
 
