@@ -1,18 +1,31 @@
-"""--budget: as many optimizer steps as fit a time budget on this machine.
+"""--budget: the run ends when its time is up, whatever else the machine does meanwhile.
 
-The run times its own training step over its first steps (after a few that warm the
-allocator and caches) and one chunk of validation and of test, then sets --max-steps to the
-steps that fit in what is left of the budget once every validation (one per epoch end, one
-at the last step) and the final test are paid for, and --cooldown to its recipe's share of
-them. The weights and random streams are then put back as they were, so the run is exactly
-the run of `--max-steps N --cooldown M`; N and M go into its flags, records and checkpoints,
-and a --continue ends at the same step without measuring again.
+Planning. The run times its own training step over its first steps (after a few that warm
+the allocator and caches) and one chunk of validation and of test, then sets --max-steps to
+the steps that fit in what is left of the budget once every validation (one per epoch end,
+one at the last step) and the final test are paid for, and --cooldown to its recipe's share
+of them. The budget counts from the process's start (imports included). The weights and
+random streams are then put back as they were, so that on a steady machine the run is
+exactly the run of `--max-steps N --cooldown M`.
+
+Pace. At each log interval the run forecasts its end from its recent step time (over the
+last 5% of the budget): training, the validations and the test still to come. When the
+forecast passes the deadline itself, it re-plans: fewer steps, fitted to end MARGIN before
+the deadline at the recent speed (evaluations slowed alike), the cooldown re-anchored so
+that the rate still reaches 0 at the new last step, the epochs recomputed. Since plans aim
+MARGIN (3%) early, a steady machine whose steps run up to about 3% slower than measured
+never re-plans. A re-plan only
+removes steps: a machine that gets faster ends early. Each re-plan is logged and recorded
+(metrics, args.json, checkpoints), and a --continue follows the plan in force without
+keeping pace (its deadline was the first start's), ending at the same step.
 """
 
 import bisect
 import math
+import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,14 +36,35 @@ from training import (epoch_batches, evaluate, lr_at, make_step, sample_seq_len,
                       train_step, twin)
 
 WARM, TIMED = 5, 20     # training steps: untimed, then timed
-MARGIN = 0.03           # of the budget, left for checkpoint writes and the unforeseen
+MARGIN = 0.03           # of the budget: plans end this much before the deadline
+WINDOW = 0.05           # of the budget: the recent past whose step time a forecast uses
+MIN_SAMPLES = 3         # log intervals in the window before a forecast is made
+MAX_PLANNED_BATCHES = 2_000_000  # sequence lengths a plan may draw (about 2.5 s of planning)
 clock = time.perf_counter  # the tests give it a clock of their own
+
+
+def process_age():
+    """Seconds since this process started (the interpreter's start-up and imports), from
+    /proc; 0 where there is none."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start, in ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def process_start():
+    """The clock reading at which this process started: where a budget counts from."""
+    return clock() - process_age()
 
 
 @dataclass
 class Measured:
     """What the run measured: seconds per optimizer step, per validation, per test, and
-    since main.py began (setting up and measuring)."""
+    since the process began (setting up and measuring)."""
     step: float
     valid: float
     test: float
@@ -102,41 +136,120 @@ def measure(run, valid_bsz, test_bsz, started):
     return Measured(*agree(run.d, run.device, *times, clock() - started))
 
 
-def epoch_ends(rng, rows, bptt, accumulate, steps):
-    """The optimizer steps at which the epochs end, up to the first at or past `steps`."""
-    rng, ends = twin(rng), [0]
-    while ends[-1] < steps:
-        ends.append(ends[-1] + steps_in(0, epoch_batches(rng, 0, rows, bptt), accumulate))
-    return ends[1:]
+def epoch_ends(rng, rows, bptt, accumulate, upto, epochs=None):
+    """The optimizer steps at which the run's epochs end, from its start, up to the first
+    end at or past step `upto` (at most `epochs` of them), drawing the sequence lengths from
+    a twin of `rng`, and at most MAX_PLANNED_BATCHES of them: (ends, True when the draws ran
+    out first). Each epoch's length depends on its draws, so the walk is the only exact way;
+    the cap bounds it whatever the budget."""
+    rng, ends, drawn = twin(rng), [], 0
+    while (not ends or ends[-1] < upto) and (epochs is None or len(ends) < epochs):
+        if drawn > MAX_PLANNED_BATCHES:
+            return ends, True
+        batches = epoch_batches(rng, 0, rows, bptt)
+        drawn += batches
+        ends.append((ends[-1] if ends else 0) + steps_in(0, batches, accumulate))
+    return ends, False
 
 
-def fit(seconds, measured, ends_of):
-    """The most optimizer steps N whose training, validations (each epoch end before N, and
-    N itself) and test fit in `seconds` (0 when none does); `ends_of(N)` gives the epoch
-    ends up to N. The cost grows with N: a binary search."""
-    most = int((seconds - measured.test - measured.valid) / measured.step)
-    if most < 1:
+def cost(n, measured, ends):
+    """Seconds for n more optimizer steps, a validation at each epoch end in `ends` (steps
+    from now) before the n-th and one at it, and the test."""
+    return n * measured.step + (bisect.bisect_left(ends, n) + 1) * measured.valid + measured.test
+
+
+def fit(seconds, measured, ends, most=None):
+    """The most optimizer steps n (at most `most`) whose training, validations (at each
+    epoch end in `ends` before n, and at n) and test fit in `seconds` (0 when none does).
+    The cost grows with n: a binary search."""
+    top = int((seconds - measured.test - measured.valid) / measured.step)
+    if most is not None:
+        top = min(top, most)
+    if top < 1:
         return 0
-    ends = ends_of(most)
-
-    def cost(n):
-        return n * measured.step + (bisect.bisect_left(ends, n) + 1) * measured.valid + measured.test
-
-    low, high = 0, most  # cost(low) fits (or low is 0); cost(high + 1) does not
+    low, high = 0, top  # cost(low) fits (or low is 0); cost(high + 1) does not
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if cost(middle) <= seconds else (low, middle - 1)
+        low, high = (middle, high) if cost(middle, measured, ends) <= seconds else (low, middle - 1)
     return low
+
+
+def cooldown_after(steps, last, cooldown, new_last, share):
+    """The --cooldown of a plan whose last step moves from `last` to `new_last` after
+    `steps` steps: the recipe's `share` of the new steps (or the given `cooldown`, `share`
+    None) when the cooldown has not begun and still fits; else the length over which the
+    rate goes on from where it stands to 0 at `new_last` (possibly fractional: no jump)."""
+    if not cooldown:
+        return cooldown
+    factor = min(1.0, (last - steps) / cooldown)  # of the rate, at the last step taken
+    if factor >= 1.0:
+        planned = cooldown if share is None else round(share * new_last)
+        if new_last - steps >= planned:
+            return planned
+    length = (new_last - steps) / factor
+    return int(length) if length == int(length) else length
+
+
+@dataclass
+class Pace:
+    """Keeps a --budget run to its deadline: `seconds` from `started` (clock readings), with
+    the Measured evaluations, the epoch ends of the plan (steps from the run's start), the
+    cooldown's share (None: --cooldown was given) and whether --epochs was given."""
+    seconds: float
+    started: float
+    measured: Measured
+    ends: list
+    share: float = None
+    epochs_given: bool = False
+    samples: deque = field(default_factory=deque)  # (clock, steps) at recent log intervals
+
+    def restart(self):
+        """Forget the samples: what comes next (after an evaluation or a checkpoint write,
+        or a re-plan) starts a new window."""
+        self.samples.clear()
+
+    def sample(self, steps):
+        """The clock at a log interval; the recent step time (None until the window holds
+        MIN_SAMPLES) and the seconds since the start."""
+        now = clock()
+        self.samples.append((now, steps))
+        while len(self.samples) > MIN_SAMPLES and now - self.samples[1][0] >= WINDOW * self.seconds:
+            self.samples.popleft()
+        (t0, s0), (t1, s1) = self.samples[0], self.samples[-1]
+        recent = (t1 - t0) / (s1 - s0) if len(self.samples) >= MIN_SAMPLES and s1 > s0 else None
+        return recent, now - self.started
+
+    def replan(self, args, steps, recent, elapsed):
+        """The plan after `steps` steps, `elapsed` seconds into the budget, at `recent`
+        seconds a step: None when the run still ends by the deadline, else {max_steps,
+        cooldown, epochs (None: --epochs was given), ...} fitted to end MARGIN before it."""
+        slower = max(1.0, recent / self.measured.step)
+        now = Measured(recent, self.measured.valid * slower, self.measured.test * slower)
+        ahead = [e - steps for e in self.ends if e >= steps]
+        left = args.max_steps - steps
+        if elapsed + cost(left, now, ahead) <= self.seconds:
+            return None
+        n = max(1, fit(self.seconds * (1 - MARGIN) - elapsed, now, ahead, most=left - 1))
+        if n >= left:
+            return None
+        new_last = steps + n
+        epochs = None if self.epochs_given else bisect.bisect_left(self.ends, new_last) + 1
+        return dict(step=steps, old_last=args.max_steps, max_steps=new_last,
+                    cooldown=cooldown_after(steps, args.max_steps, args.cooldown, new_last,
+                                            self.share),
+                    step_time=recent, measured_step=self.measured.step,
+                    forecast=elapsed + cost(left, now, ahead), epochs=epochs)
 
 
 def apply(run, started, valid_bsz, test_bsz, rule, sources):
     """Measure, then set the run's --max-steps, --cooldown and --epochs so that it ends
-    within --budget, counted from `started` (the clock when main.py began), by its recipe's
-    `rule` (flags.BUDGET_RULES): the cooldown's share of the steps, and the regularisation
-    for the epochs they cover (measuring again when it changes the step). Flags given on
-    the command line are kept. Returns the line that says so."""
+    within --budget, counted from `started` (the clock when the process began), by its
+    recipe's `rule` (flags.BUDGET_RULES): the cooldown's share of the steps, and the
+    regularisation for the epochs they cover (measuring again when it changes the step).
+    Flags given on the command line are kept; a given --epochs caps the steps. Returns the
+    line that says so and the run's Pace."""
     args = run.args
-    measured, steps = settle(run, started, valid_bsz, test_bsz)
+    measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
     regularise = {k: v for k, v in by_limit(rule.get("regularise", []), epochs_of(run, steps)).items()
                   if sources.get(k) != "given" and getattr(args, k) != v}
     if regularise:
@@ -144,37 +257,56 @@ def apply(run, started, valid_bsz, test_bsz, rule, sources):
             setattr(args, key, value)
             sources[key] = f"budget {args.budget}"
         run.model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
-        measured, steps = settle(run, started, valid_bsz, test_bsz)
-    rows = run.train_data.shape[0]
+        measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
     if steps < 1:
         raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
                          f"{measured.elapsed:.0f} s, and a validation and the test need "
                          f"{measured.valid + measured.test:.0f} s more; give a longer --budget")
-    ends = epoch_ends(run.rng, rows, args.bptt, args.accumulate, steps)
+    ends = ends_of(run, steps, sources)[0]
     args.max_steps = steps
     sources["max_steps"] = f"budget {args.budget}"
-    if sources.get("cooldown") != "given":
-        args.cooldown = round(rule.get("cooldown", 0) * steps) or None
+    share = None if sources.get("cooldown") == "given" else rule.get("cooldown", 0)
+    if share is not None:
+        args.cooldown = round(share * steps) or None
         sources["cooldown"] = f"budget {args.budget}"
+    epochs = bisect.bisect_left(ends, steps) + 1
     if sources.get("epochs") != "given":
-        args.epochs = len(ends)
+        args.epochs = epochs
         sources["epochs"] = f"budget {args.budget}"
-    return (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
-            f"(measured over {TIMED} steps), over {len(ends)} epoch(s), cooldown "
+    pace = Pace(budget_seconds(args.budget), started, measured, ends, share,
+                epochs_given=sources.get("epochs") == "given")
+    line = (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
+            f"(measured over {TIMED} steps), over {epochs} epoch(s), cooldown "
             f"{args.cooldown or 0:,} steps; {math.ceil(measured.valid):,} s per validation, "
             f"{math.ceil(measured.test):,} s for the test"
+            + (f"; --epochs {args.epochs} ends it sooner" if capped == "epochs" else "")
+            + (f"; planning stops at {MAX_PLANNED_BATCHES:,} batches" if capped == "draws" else "")
             + (f"; for {epochs_of(run, steps):.1f} epochs of data: "
                + ", ".join(f"--{k} {v}" for k, v in regularise.items()) if regularise else ""))
+    return line, pace
 
 
-def settle(run, started, valid_bsz, test_bsz):
-    """Measure the run as it now is, and the steps that fit what is left of its budget."""
+def ends_of(run, upto, sources):
+    """epoch_ends of the run up to step `upto`, at most --epochs of them when given."""
+    args = run.args
+    epochs = args.epochs if sources.get("epochs") == "given" else None
+    return epoch_ends(run.rng, run.train_data.shape[0], args.bptt, args.accumulate, upto, epochs)
+
+
+def settle(run, started, valid_bsz, test_bsz, sources):
+    """Measure the run as it now is, and the steps that fit what is left of its budget:
+    (Measured, steps, what capped them: "epochs", "draws" or None)."""
     args = run.args
     measured = measure(run, valid_bsz, test_bsz, started)
     left = budget_seconds(args.budget) * (1 - MARGIN) - measured.elapsed
-    rows = run.train_data.shape[0]
-    steps = fit(left, measured, lambda n: epoch_ends(run.rng, rows, args.bptt, args.accumulate, n))
-    return measured, steps
+    most = max(0, int((left - measured.test - measured.valid) / measured.step))
+    ends, cut = ends_of(run, most, sources)
+    capped = "draws" if cut else None
+    if ends and ends[-1] < most and not cut:
+        capped = "epochs"  # a given --epochs ends before the time does
+    limit = ends[-1] if capped else None
+    steps = fit(left, measured, ends, most=limit)
+    return measured, steps, capped if steps == limit else None
 
 
 def epochs_of(run, steps):

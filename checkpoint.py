@@ -21,7 +21,8 @@ and the last checkpoint (--last, SAVE.last.pt), from which --continue goes on ex
               ranks: every rank's {torch, cuda}
     progress  epoch (0-based), i (stream position), batch, tokens, steps, best_val,
               val_history, optimizer_name, epoch_time (seconds into the epoch), tested
-              (the final test of a finished run was reported)
+              (the final test of a finished run was reported), replans (--budget's changes
+              of plan: step, old_last, max_steps, cooldown, epochs, step_time, ...)
 check_fields lists the types; a model folder (modelfolder.py) holds the same fields of a
 best checkpoint as model.safetensors and config.json.
 """
@@ -121,7 +122,7 @@ PROGRESS = {"epoch": int, "i": int, "batch": int, "tokens": int, "steps": int,
             "epoch_time": NUMBER}
 RNG = {"numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
        "numpy_gauss": NUMBER, "torch": torch.Tensor, "cuda": (torch.Tensor, type(None))}
-PROGRESS_OPTIONAL = {"tested": bool}  # absent from older checkpoints
+PROGRESS_OPTIONAL = {"tested": bool, "replans": list}  # absent from older checkpoints
 METRICS = {key: NUMBER for key in ("valid_loss", "valid_bpc", "epoch", "steps", "tokens",
                                    "test_loss", "test_bpc", "best_valid_loss")}  # each optional
 RNG_OPTIONAL = {"ranks": list}  # every rank's torch states, from a torchrun run
@@ -364,11 +365,12 @@ class Progress:
     optimizer_name: str = "lamb"
     epoch_time: float = 0.0  # seconds spent on the current epoch so far
     tested: bool = False    # the final test of a finished run was reported
+    replans: list = field(default_factory=list)  # --budget's re-plans (main.keep_pace)
     hidden: list = None     # carried LSTM states, this rank's columns (not saved as such)
     mems: list = None       # carried attention memories, this rank's columns
 
     SAVED = ("epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
-             "optimizer_name", "epoch_time", "tested")
+             "optimizer_name", "epoch_time", "tested", "replans")
 
     def advance(self, rows, tokens, step):
         """Count a batch of `rows` stream positions and `tokens` tokens (all ranks), and

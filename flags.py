@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+import sys
 
 # The paper's enwik8 first pass, every hyper-parameter in one place.
 PAPER = dict(
@@ -84,6 +85,9 @@ def attn_layers_flag(text):
                                          f"indices, got {text!r}") from None
 
 
+LONGEST_BUDGET = ("8760h", 8760 * 3600)  # a year: any longer is a typo
+
+
 def budget_seconds(text):
     """Seconds of a duration such as 90s, 5min, 2h or 1.5h; None when it is not one."""
     found = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(s|min|h)", text.strip())
@@ -97,6 +101,9 @@ def budget_flag(text):
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 5min or 2h, got {text!r}")
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"the budget must be positive, got {text!r}")
+    if seconds > LONGEST_BUDGET[1]:
+        raise argparse.ArgumentTypeError(f"the budget must be at most {LONGEST_BUDGET[0]} (a "
+                                         f"year), got {text if len(text) < 40 else text[:37] + '...'}")
     return text.strip()
 
 
@@ -230,10 +237,13 @@ def build_parser():
                    help="end training after this many optimizer steps (validating then, as at "
                         "an epoch end), and end --cooldown there; None: run --epochs in full")
     g.add_argument("--budget", type=budget_flag, default=None, metavar="TIME",
-                   help="train for as many optimizer steps as fit in TIME (e.g. 5min, 2h, 24h: the "
-                        "whole run, validations and test included), measured on this machine "
-                        "over its first steps; sets --max-steps, and --cooldown to the recipe's "
-                        "share of it, unless given; None: no budget")
+                   help="end the whole run (validations and test included) within TIME from "
+                        "the process's start (e.g. 5min, 2h, 24h; at most 8760h): the steps "
+                        "are planned from the step measured at the start and cut when the "
+                        "machine slows down; sets --max-steps, --epochs and --cooldown (the "
+                        "recipe's share of the steps) unless given, and with a recipe its "
+                        "size and regularisation rules (flags.BUDGET_RULES); a given --epochs "
+                        "caps the steps")
     g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
@@ -302,6 +312,11 @@ def parse_args(argv=None, saved=None):
     parser = build_parser()
     if saved:
         parser.set_defaults(**saved)
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, value in zip(argv, [*argv[1:], None]):
+        if flag == "--budget" and (value is None or value.startswith("-")):  # argparse: an option
+            parser.error("argument --budget: expected a positive duration such as 90s, 5min or "
+                         "2h" + (f", got {value!r}" if value else ""))
     return parser.parse_args(argv)
 
 
@@ -465,13 +480,18 @@ def value_problem(action, value):
     return item_problem(action, value)
 
 
+RECORDED_TYPES = {"cooldown": float}  # a --budget re-plan may make it fractional (budget.py)
+
+
 def item_problem(action, value):
-    """value_problem of one value: it must come back unchanged from the flag's type applied
-    to its text, and be one of the choices."""
+    """value_problem of one value: a finite number for a number flag, else it must come back
+    unchanged from the flag's type applied to its text; and one of the choices."""
+    kind = RECORDED_TYPES.get(action.dest, action.type)
     if isinstance(value, bool):
         good = False
-    elif action.type in (None, int, float):  # str, int, or a number (nan: check_args says why)
-        good = isinstance(value, {None: str, int: int, float: (int, float)}[action.type])
+    elif kind in (None, int, float):
+        good = (isinstance(value, str) if kind is None else
+                isinstance(value, {int: int, float: (int, float)}[kind]) and math.isfinite(value))
     else:
         if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
             text = f"{value[0]}{'min' if value[1] == 'min' else ''}"  # --save-interval
@@ -507,7 +527,7 @@ def settings_line(args, sources):
     return "Settings: " + ", ".join(shown)
 
 
-FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax")
+FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax", "recipe")
 
 
 def check_continue_flags(args, saved):
@@ -523,6 +543,9 @@ def check_continue_flags(args, saved):
         raise InputError(f"--save cannot change on --continue: the run's best checkpoint is "
                          f"{saved['save']}, which its final test reads; drop --save, or start "
                          f"a new run from its weights with --resume")
+    if args.budget and not saved.get("budget"):
+        raise InputError(f"--budget cannot be added on --continue: the run was planned without "
+                         f"one; give --max-steps to end it sooner or later")
     if saved.get("budget") and args.budget != saved["budget"]:
         raise InputError(f"--budget cannot change on --continue: the run's budget "
                          f"({saved['budget']}) fixed --max-steps {saved['max_steps']}; give a "
@@ -537,8 +560,9 @@ def changed_flags(args, saved):
 
 def resolve_flags(argv, load_start):
     """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
-    flags not given take, in this order, a --recipe's values (with --budget, its budget's),
-    the checkpoint's (flags_from) and the defaults. Returns (args, start checkpoint or None,
+    flags not given take, in this order, a --recipe's values (with --budget, its budget's;
+    never the model's size when a checkpoint gives it, and nothing on --continue), the
+    checkpoint's (flags_from) and the defaults. Returns (args, start checkpoint or None,
     {flag: where its value came from}, notes to log once the run starts)."""
     args = parse_args(argv)  # first: --help and bad values are answered by the real parser
     given = given_flags(argv)
@@ -547,9 +571,11 @@ def resolve_flags(argv, load_start):
     saved = flags_from(start, args, given)
     if {"budget", "max_steps"} <= given:
         raise InputError("--budget chooses --max-steps itself; give one of them")
-    recipe = RECIPES[args.recipe][1] if "recipe" in given else {}
-    if "recipe" in given and args.budget:
+    recipe = RECIPES[args.recipe][1] if "recipe" in given and not args.continue_from else {}
+    if recipe and args.budget:
         recipe = {**recipe, **budget_recipe(args.recipe, args.budget)}
+    recipe = {k: v for k, v in recipe.items() if not (k in MODEL_FLAGS and k in saved)}  # a
+    # checkpoint's model is its own: a recipe sets how it trains
     if saved or recipe:
         args = parse_args(argv, {**saved, **recipe})
         check_args(args)

@@ -13,6 +13,11 @@ training.py; docs/model.md describes what each part computes.
 Also runs under `torchrun --nproc_per_node=N main.py ...` (DistributedDataParallel).
 """
 
+import signal
+
+if __name__ == "__main__":  # a signal during the imports (seconds) waits for main()'s handlers
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
 import os
 import shutil
 import sys
@@ -61,6 +66,7 @@ class Run:
     fingerprint: dict  # {split: SHA-256} of the corpus, kept in checkpoints
     sources: dict = None  # {flag: where its value came from}, for the Settings line
     budget_note: str = None  # what --budget measured and chose
+    pace: budget.Pace = None  # --budget's deadline, kept while training (not on --continue)
 
     @property
     def model(self):
@@ -111,6 +117,8 @@ def train_epoch(run, progress):
     bar = progress_bar(run, (run.train_data.shape[0] - 1) * args.batch_size,
                        f"epoch {progress.epoch + 1}", progress.i * args.batch_size)
     run.model.train()
+    if run.pace:
+        run.pace.restart()  # the window holds training steps only
     started = time.time() - progress.epoch_time
     pending = None  # summed loss of the batches since the last optimizer step
     stopping = False
@@ -130,6 +138,8 @@ def train_epoch(run, progress):
         at_log = progress.batch % args.log_interval == 0
         if at_log:
             log_train(run, progress, meter.read(run.d), plan.epoch_batches, lr)
+            if run.pace and keep_pace(run, progress):
+                plan = run.plan(progress)
         if update and (run.d.world == 1 or at_log):  # under torchrun: no syncs between logs
             stopping = decide(run, progress, meter, at_log, saves)
     if bar:
@@ -163,7 +173,40 @@ def decide(run, progress, meter, at_log, saves):
     if stopping or due:
         ckpt.save_last(run, progress)
         saves.restart(progress.steps)
+        if run.pace:
+            run.pace.restart()
     return stopping
+
+
+def keep_pace(run, progress):
+    """--budget, at a log interval: re-plan when the run would end past its deadline
+    (budget.Pace), on times the ranks agree on; log and record the new plan. True when
+    the plan changed."""
+    args = run.args
+    recent, elapsed = run.pace.sample(progress.steps)
+    recent, elapsed = agree(run.d, run.device, -1.0 if recent is None else recent, elapsed)
+    new = run.pace.replan(args, progress.steps, recent, elapsed) if recent > 0 else None
+    if new is None:
+        return False
+    run.log(f"Budget {args.budget}: re-planned at step {new['step']:,}: last step "
+            f"{new['old_last']:,} -> {new['max_steps']:,}, cooldown {args.cooldown or 0:,.6g} -> "
+            f"{new['cooldown'] or 0:,.6g} (steps take {1000 * recent:,.1f} ms, measured "
+            f"{1000 * new['measured_step']:,.1f} ms: the plan would end "
+            f"{new['forecast'] - run.pace.seconds:,.1f} s past the budget)")
+    args.max_steps, args.cooldown = new["max_steps"], new["cooldown"]
+    if new["epochs"] is not None:
+        args.epochs = new["epochs"]
+    run.limits = Limits.of(args)
+    progress.replans.append(new)
+    run.log.metrics(type="replan", **new, time=time.time())
+    if run.d.main:
+        try:
+            write_json(os.path.join(run.paths["run_dir"], "args.json"),
+                       dict(vars(args), model=run.config, replans=progress.replans))
+        except OSError as e:
+            run.log.fail(f"cannot write {run.paths['run_dir']}/args.json: {e.strerror or e}")
+    run.pace.restart()
+    return True
 
 
 def validate(run, progress):
@@ -346,9 +389,9 @@ def setup(args, d, device, start, paths, stop, sources, started):
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
               fingerprint=corpus.fingerprint, sources=sources)
-    if args.budget and not args.continue_from:
-        run.budget_note = budget.apply(run, started, eval_batch_size(args), TEST_BATCH_SIZE,
-                                       BUDGET_RULES[args.recipe], sources)
+    if args.budget and not args.continue_from and not args.eval_only:
+        run.budget_note, run.pace = budget.apply(run, started, eval_batch_size(args),
+                                                 TEST_BATCH_SIZE, BUDGET_RULES[args.recipe], sources)
         run.limits = Limits.of(args)
     if d.main:
         corpus.write_cache()  # every check has passed
@@ -461,11 +504,12 @@ def execute(run, progress, notes):
 
 
 def main(argv=None):
-    started = budget.clock()  # --budget counts from here
+    started = budget.process_start()  # --budget counts from the process's start
     tmp = lock = None
     stop = Stop()  # from the first moment: a signal at any phase ends the run cleanly
     try:
         with stop:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)

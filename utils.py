@@ -195,11 +195,11 @@ class RunLog:
         except OSError as e:
             self.fail(f"cannot write the run records in {self.run_dir}: {e.strerror or e}")
 
-    def fail(self, failure):
-        """Stop the records here (the first failure is the one reported)."""
+    def fail(self, why):
+        """A record could not be written: no record after it, and the run is told once."""
         if self.failure:
             return
-        self.failure = failure
+        self.failure = why
         if self.on_failure:
             self.on_failure()
 
@@ -242,9 +242,9 @@ class Board:
 
 
 def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """`obj` as indented JSON, written atomically (atomic_write)."""
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def append_json_line(path, obj):

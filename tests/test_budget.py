@@ -1,11 +1,14 @@
 """--budget: the run measures its step on a clock (here one the test drives), fixes its
-steps, and from then on is exactly the run of --max-steps N --cooldown M."""
+steps, and from then on is exactly the run of --max-steps N --cooldown M while the machine
+keeps its speed; when it slows down, the run re-plans to end within its budget."""
 
-import itertools
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,14 +16,52 @@ import torch
 import budget
 import flags
 import main
-from conftest import SMALL, run_cli
+import training
+from conftest import ROOT, SMALL, run_cli
+
+
+class Simulated:
+    """A clock that moves only when the run works: `batch` seconds per training batch (times
+    `slower` from training batch `slow_from` on, counted in main.py's loop only) and `chunk`
+    seconds per evaluated chunk; the process started at 0."""
+
+    def __init__(self, monkeypatch, batch=0.0005, chunk=0.001, slow_from=None, slower=2.0):
+        self.now, self.batches = 0.0, 0
+        self.batch, self.chunk, self.slow_from, self.slower = batch, chunk, slow_from, slower
+        self.on_batch = None  # called with the training batch count, after its step
+        monkeypatch.setattr(budget, "clock", lambda: self.now)
+        monkeypatch.setattr(budget, "process_age", lambda: 0.0)
+        step, evaluate = training.train_step, training.evaluate
+
+        def measuring_step(*args):
+            self.now += self.batch
+            return step(*args)
+
+        def training_step(*args):
+            self.batches += 1
+            slow = self.slow_from is not None and self.batches > self.slow_from
+            self.now += self.batch * (self.slower if slow else 1.0)
+            result = step(*args)
+            if self.on_batch:
+                self.on_batch(self.batches)
+            return result
+
+        def evaluating(model, source, bsz, bptt, amp, d, max_batches=None, *args, **kwargs):
+            chunks = len(range(0, source.shape[0] - 1, bptt))
+            slow = self.slow_from is not None and self.batches > self.slow_from
+            self.now += self.chunk * min(chunks, max_batches or chunks) * (self.slower if slow else 1)
+            return evaluate(model, source, bsz, bptt, amp, d, max_batches, *args, **kwargs)
+
+        monkeypatch.setattr(budget, "train_step", measuring_step)
+        monkeypatch.setattr(budget, "evaluate", evaluating)
+        monkeypatch.setattr(main, "train_step", training_step)
+        monkeypatch.setattr(main, "evaluate", evaluating)
 
 
 @pytest.fixture
 def ticking(monkeypatch):
-    """A clock that advances 10 ms at each reading: every measurement is the same."""
-    ticks = itertools.count()
-    monkeypatch.setattr(budget, "clock", lambda: next(ticks) * 0.01)
+    """A steady machine: every training batch takes 0.5 ms, every evaluated chunk 1 ms."""
+    return Simulated(monkeypatch)
 
 
 def budget_line(out):
@@ -39,6 +80,7 @@ def test_the_budget_run_is_the_run_of_the_steps_it_chose(corpus_dir, tmp_path, c
     assert f"--max-steps {steps} [budget 0.5s]" in out and f"--epochs {epochs} [budget 0.5s]" in out
     last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
     assert last["progress"]["steps"] == steps
+    assert "re-planned" not in out and last["progress"]["replans"] == []  # a steady machine
 
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "r.pt"),
                              *SMALL, "--max-steps", str(steps), "--cooldown", str(cooldown),
@@ -51,28 +93,21 @@ def test_the_budget_run_is_the_run_of_the_steps_it_chose(corpus_dir, tmp_path, c
 
 def test_the_fit_pays_for_every_validation_and_the_test():
     measured = budget.Measured(step=0.1, valid=2.0, test=3.0)
-    ends = lambda n: [40, 80, 120, 160][: max(1, -(-n // 40))]  # epochs of 40 steps  # noqa: E731
+    ends = [40, 80, 120, 160]  # epochs of 40 steps
     steps = budget.fit(20.0, measured, ends)
     # 110 steps (11 s), validations at the epoch ends 40 and 80 and at step 110 (6 s), and the
     # test (3 s): 20 s; one step more would not fit.
     assert steps == 110
-    validations = sum(1 for e in ends(steps) if e < steps) + 1
+    validations = sum(1 for e in ends if e < steps) + 1
     assert steps * 0.1 + validations * 2.0 + 3.0 <= 20.0
     more = steps + 1
-    assert more * 0.1 + (sum(1 for e in ends(more) if e < more) + 1) * 2.0 + 3.0 > 20.0
+    assert more * 0.1 + (sum(1 for e in ends if e < more) + 1) * 2.0 + 3.0 > 20.0
+    assert budget.fit(20.0, measured, ends, most=80) == 80  # a given --epochs 2 caps it
 
 
 def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_dir, tmp_path,
                                                                          capsys, monkeypatch, ticking):
-    real, calls = main.train_step, []
-
-    def stop_midway(*args):
-        calls.append(1)
-        if len(calls) == 100:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args)
-
-    monkeypatch.setattr(main, "train_step", stop_midway)
+    ticking.on_batch = lambda n: n == 100 and os.kill(os.getpid(), signal.SIGTERM)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
                              *SMALL, "--budget", "0.5s", "--recipe", "cpu-small",
                              "--emsize", "16", "--nhid", "32", "--bptt", "16",
@@ -80,7 +115,7 @@ def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_d
     assert code == 0 and "Stopped by SIGTERM" in out, err
     chosen = json.load(open(tmp_path / "b.run" / "args.json"))
     assert chosen["cooldown"] == round(0.5 * chosen["max_steps"])  # cpu-small's share
-    monkeypatch.setattr(main, "train_step", real)
+    ticking.on_batch = None
     monkeypatch.setattr(budget, "measure", lambda *a: pytest.fail("measured again"))
     code, out, err = run_cli(capsys, "--continue", str(tmp_path / "b.last.pt"))
     assert code == 0, err
@@ -135,3 +170,155 @@ def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_pat
     b = torch.load(str(tmp_path / "r.last.pt"), weights_only=True)["model"]
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+def test_a_cooldown_is_re_anchored_without_a_jump():
+    # Not begun: the recipe's share of the new steps (or the given length) when it still fits.
+    assert budget.cooldown_after(100, 1000, 200, 600, 0.2) == 120
+    assert budget.cooldown_after(100, 1000, 200, 600, None) == 200
+    # Not begun, but the new end leaves less room than the cooldown: it starts now, from 1.
+    assert budget.cooldown_after(550, 1000, 200, 600, 0.2) == 50
+    # Begun: at step 900 of 1000 with 200 to cool, the rate stands at half; the new plan ends
+    # at 950, so the rate falls from half to 0 over 50 steps: a cooldown of length 100.
+    assert budget.cooldown_after(900, 1000, 200, 950, 0.2) == 100
+    length = budget.cooldown_after(900, 1000, 200, 933, 0.2)
+    assert length == pytest.approx(66.0) and training.lr_at(10**6, 900, 1.0, 1, cooldown=length,
+                                                            last_step=933) == pytest.approx(0.5)
+    assert budget.cooldown_after(900, 1000, None, 950, 0.2) is None  # no cooldown stays none
+
+
+def rates(sim):
+    """Record the learning rate of each optimizer step main.py's loop takes."""
+    steps = []
+    real = main.train_step
+
+    def recording(step, x, y, hidden, mems, pending, lr, update):
+        if update:
+            steps.append(lr)
+        return real(step, x, y, hidden, mems, pending, lr, update)
+
+    return steps, recording
+
+
+@pytest.mark.parametrize("slow_from", [150, 600])  # before the cooldown begins, and within it
+def test_a_machine_that_slows_down_re_plans_and_ends_on_time(corpus_dir, tmp_path, capsys,
+                                                            monkeypatch, slow_from):
+    sim = Simulated(monkeypatch, slow_from=slow_from)
+    steps, recording = rates(sim)
+    monkeypatch.setattr(main, "train_step", recording)
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s", "--log-interval", "10")
+    assert code == 0 and "| End of training |" in out, err
+    assert sim.now <= 0.5  # trained, validated and tested within the budget
+    planned = int(re.search(r"Budget 0.5s: (\d+) optimizer steps", out).group(1))
+    replans = [json.loads(line) for line in open(tmp_path / "b.run" / "metrics.jsonl")
+               if '"replan"' in line]
+    assert 1 <= len(replans) <= 3 and out.count("re-planned at step") == len(replans)
+    final = replans[-1]["max_steps"]
+    assert final < planned and len(steps) == final
+    assert steps[-1] == 0.0  # the cooldown reaches 0 at the new last step
+    assert steps[final // 2] > 0.0
+    first = replans[0]["step"]
+    if slow_from > 0.8 * planned:  # the cooldown had begun: it goes on from where it stood
+        assert steps[first - 1] < 3e-3
+    chosen = json.load(open(tmp_path / "b.run" / "args.json"))
+    last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    drops = [a - b for a, b in zip(steps[first - 1:], steps[first:])]
+    assert min(drops) >= 0  # from the first re-plan on the rate only falls ...
+    # ... and never faster than the last plan's cooldown falls (--lr 3e-3 over its length):
+    # no jump at a re-plan, also when it came within the cooldown
+    assert max(drops) == pytest.approx(3e-3 / last["args"]["cooldown"], rel=1e-9)
+    assert chosen["max_steps"] == last["args"]["max_steps"] == last["progress"]["steps"] == final
+    recorded = [{k: v for k, v in r.items() if k not in ("type", "time")} for r in replans]
+    assert chosen["replans"] == last["progress"]["replans"] == recorded
+
+
+def test_a_run_stopped_after_a_re_plan_continues_to_the_same_weights(corpus_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    flags_ = ["--data", corpus_dir, *SMALL, "--budget", "0.5s"]
+    Simulated(monkeypatch, slow_from=150)
+    code, out, err = run_cli(capsys, "--save", str(tmp_path / "a.pt"), *flags_)
+    assert code == 0, err
+    whole = torch.load(str(tmp_path / "a.last.pt"), weights_only=True)
+    replanned = whole["progress"]["replans"][-1]["step"]
+    assert replanned + 30 < whole["progress"]["steps"]
+
+    sim = Simulated(monkeypatch, slow_from=150)
+    sim.on_batch = lambda n: n == replanned + 20 and os.kill(os.getpid(), signal.SIGTERM)
+    code, out, err = run_cli(capsys, "--save", str(tmp_path / "b.pt"), *flags_)
+    assert code == 0 and "Stopped by SIGTERM" in out, err
+    stopped = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    assert stopped["progress"]["steps"] < whole["progress"]["steps"]
+    assert stopped["args"]["max_steps"] == whole["args"]["max_steps"]  # the plan in force
+    sim.on_batch = None
+    code, out, err = run_cli(capsys, "--continue", str(tmp_path / "b.last.pt"))
+    assert code == 0 and "re-planned" not in out, err
+    ended = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    assert ended["progress"]["steps"] == whole["progress"]["steps"]
+    assert ended["progress"]["replans"] == whole["progress"]["replans"]
+    for key, value in whole["model"].items():
+        assert torch.equal(value, ended["model"][key]), key
+
+
+def test_a_given_epochs_caps_the_budget_and_the_plan_says_so(corpus_dir, tmp_path, capsys, ticking):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s", "--epochs", "1")
+    assert code == 0, err
+    line = budget_line(out)
+    steps = int(re.search(r"Budget 0.5s: (\d+) optimizer steps", line).group(1))
+    assert "over 1 epoch(s)" in line and "--epochs 1 ends it sooner" in line
+    last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    assert last["progress"]["steps"] == steps == last["args"]["max_steps"]  # what runs
+    assert last["progress"]["epoch"] == 1
+
+
+def test_evaluating_a_budget_checkpoint_measures_and_plans_nothing(corpus_dir, tmp_path, capsys,
+                                                                  monkeypatch, ticking):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s")
+    assert code == 0, err
+    steps = torch.load(str(tmp_path / "b.pt"), weights_only=True)["args"]["max_steps"]
+    monkeypatch.setattr(budget, "measure", lambda *a: pytest.fail("measured"))
+    code, out, err = run_cli(capsys, "--eval-only", "--resume", str(tmp_path / "b.pt"),
+                             "--no-progress")
+    assert code == 0 and "| eval only | test" in out, err
+    assert "Budget " not in out and f"--max-steps {steps} [checkpoint]" in out
+
+
+def test_the_budget_counts_from_the_start_of_the_process(corpus_dir, tmp_path, capsys, monkeypatch,
+                                                         ticking):
+    monkeypatch.setattr(budget, "process_age", lambda: 0.49)  # imports took almost all of it
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--budget", "0.5s")
+    assert code == 2 and "too short" in err
+    script = "import time; time.sleep(1.2); import budget; print(budget.process_age())"
+    age = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert 1.2 <= float(age) < 10
+
+
+def test_planning_is_bounded_whatever_the_budget(tmp_path):
+    import numpy as np
+    ends, cut = budget.epoch_ends(np.random.RandomState(0), 100, 16, 1, 10**15)
+    assert cut and ends[-1] < 10**15 and sum(1 for _ in ends) > 1000
+    data = tmp_path / "data"
+    from conftest import sentences, write_corpus
+    write_corpus(data, sentences(100, 1), sentences(20, 2), sentences(20, 3))
+    for nines in (60, 400):  # once a hang in planning, once a float overflow
+        result = subprocess.run([sys.executable, "main.py", "--data", str(data), "--save",
+                                 str(tmp_path / "x.pt"), *SMALL, "--budget", "9" * nines + "h"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "at most 8760h" in result.stderr
+        assert result.stderr.count("\n") == 1 and not os.path.exists(tmp_path / "x.run")
+
+
+def test_a_signal_during_the_imports_ends_the_run_cleanly(corpus_dir, tmp_path):
+    run = subprocess.Popen([sys.executable, "main.py", "--data", corpus_dir, "--save",
+                            str(tmp_path / "s.pt"), *SMALL], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch takes longer
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "Stopped by a signal during start-up; nothing was trained" in out
+    assert not os.path.exists(tmp_path / "s.pt") and not os.path.exists(tmp_path / "s.last.pt")

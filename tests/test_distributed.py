@@ -96,6 +96,7 @@ sys.path.insert(0, {root!r})
 import budget, main
 ticks, rank = itertools.count(), int(os.environ["RANK"])
 budget.clock = lambda: next(ticks) * 0.01 * (1 + rank)  # rank 1 measures everything as 2x slower
+budget.process_age = lambda: 0.0  # the budget counts from the first reading
 sys.exit(main.main(sys.argv[1:]))
 """
 
@@ -115,6 +116,41 @@ def test_the_ranks_agree_on_the_steps_a_budget_buys(tmp_path):
                  .group(1).replace(",", ""))  # rank 1's 2x slower step, agreed by both
     last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
     assert last["progress"]["steps"] == last["args"]["max_steps"] == chosen
+
+
+SLOWING_CLOCK = """
+import itertools, os, sys
+sys.path.insert(0, {root!r})
+import budget, main
+ticks, rank = itertools.count(), int(os.environ["RANK"])
+
+def clock():  # 10 ms a reading; rank 1's machine gets slow after its measurement (10 readings)
+    n = next(ticks)
+    return n * 0.01 + (0.05 * (n - 10) if rank == 1 and n > 10 else 0.0)
+
+budget.clock = clock
+budget.process_age = lambda: 0.0
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def test_the_ranks_agree_on_a_re_plan(tmp_path):
+    """One rank's machine slows down: both re-plan alike and end at one step (a disagreement
+    would leave one rank waiting for the other's gradients until the launcher's timeout)."""
+    script = tmp_path / "slowing_clock.py"
+    script.write_text(SLOWING_CLOCK.format(root=ROOT))
+    data = write_corpus(tmp_path / "data", sentences(400, 1), sentences(40, 2), sentences(40, 3))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), "--data", data, "--save",
+                             str(tmp_path / "b.pt"), *SMALL_NODROP, "--log-interval", "10",
+                             "--budget", "3s"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("re-planned at step") >= 1
+    last = torch.load(str(tmp_path / "b.last.pt"), weights_only=True)
+    planned = int(re.search(r"Budget 3s: ([\d,]+) optimizer steps", result.stdout).group(1)
+                  .replace(",", ""))
+    assert last["progress"]["replans"] and last["progress"]["steps"] == last["args"]["max_steps"]
+    assert last["progress"]["steps"] < planned
 
 
 def test_a_refused_output_ends_every_rank_at_once(runs):
