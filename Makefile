@@ -9,6 +9,7 @@ PY := .venv/bin/python
 .PHONY: demo test quick-test setup setup-dev
 
 demo: setup
+	$(if $(shell [ -w . ] || echo no),$(error make demo writes demo/ into $(CURDIR), which is not writable: clone the project where you can write))
 	rm -rf demo && mkdir demo
 	$(PY) -u main.py --recipe cpu-small --data data/sample --save demo/sample.pt
 	$(PY) generate.py --checkpoint demo/sample.pt --prime "ROMEO:" --length 300

@@ -40,11 +40,11 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import MODEL_FLAGS, InputError
+from flags import MODEL_FLAGS, InputError, check_checkpoint_name, check_recorded
 from outputs import Output, claim
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
-from utils import LOG2, atomic_save
+from utils import LOG2, atomic_save, say
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
 
@@ -123,6 +123,8 @@ PROGRESS = {"epoch": int, "i": int, "batch": int, "tokens": int, "steps": int,
 RNG = {"numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
        "numpy_gauss": NUMBER, "torch": torch.Tensor, "cuda": (torch.Tensor, type(None))}
 PROGRESS_OPTIONAL = {"tested": bool, "replans": list}  # absent from older checkpoints
+METRICS = {key: NUMBER for key in ("valid_loss", "valid_bpc", "epoch", "steps", "tokens",
+                                   "test_loss", "test_bpc", "best_valid_loss")}  # each optional
 RNG_OPTIONAL = {"ranks": list}  # every rank's torch states, from a torchrun run
 
 
@@ -149,6 +151,9 @@ def check_fields(ckpt, path):
     the LAST fields too) its progress, random state, carried state and optimizer state."""
     last = any(key in ckpt for key in LAST)
     check_dict(ckpt, dict(BEST, **LAST) if last else BEST, "", path, OPTIONAL)
+    if ckpt["version"] != 1:
+        raise InputError(f"checkpoint {path}: version {ckpt['version']} is not 1, the one this "
+                         f"code reads")
     check_dict(ckpt["config"], CONFIG, "config.", path)
     config = ckpt["config"]
     try:
@@ -165,6 +170,14 @@ def check_fields(ckpt, path):
     vocab = ckpt["vocab"]
     if len(vocab) != config["ntoken"] or not all(isinstance(w, str) for w in vocab):
         raise InputError(f"checkpoint {path}: vocab is not a list of {config['ntoken']} tokens")
+    if len(set(vocab)) != len(vocab):
+        twice = next(w for i, w in enumerate(vocab) if w in vocab[:i])
+        raise InputError(f"checkpoint {path}: vocab holds {twice!r} twice")
+    check_dict(ckpt["metrics"], {}, "metrics.", path, METRICS)
+    for key, value in ckpt["metrics"].items():
+        if value != value:
+            raise InputError(f"checkpoint {path}: metrics.{key} is nan")
+    check_recorded(ckpt["args"], path)
     if last:
         check_last(ckpt, model, path)
 
@@ -176,6 +189,17 @@ def check_last(ckpt, model, path):
     for key in ("epoch", "i", "batch", "tokens", "steps"):
         if progress[key] < 0:
             raise InputError(f"checkpoint {path}: progress.{key} is negative ({progress[key]})")
+    if progress["epoch"] > progress["steps"]:
+        raise InputError(f"checkpoint {path}: progress.epoch ({progress['epoch']}) is more than "
+                         f"progress.steps ({progress['steps']}); each epoch takes an optimizer step")
+    if progress["best_val"] != progress["best_val"]:
+        raise InputError(f"checkpoint {path}: progress.best_val is nan")
+    if not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in progress["val_history"]):
+        raise InputError(f"checkpoint {path}: progress.val_history is not a list of numbers")
+    name, trained = progress["optimizer_name"], ckpt["args"]["optimizer"]
+    if name not in (trained, "asgd" if trained == "sgd" else trained):
+        raise InputError(f"checkpoint {path}: progress.optimizer_name {name!r} is not the run's "
+                         f"args.optimizer {trained!r}" + (" or asgd" if trained == "sgd" else ""))
     check_dict(ckpt["rng"], RNG, "rng.", path, RNG_OPTIONAL)
     if tuple(ckpt["rng"]["numpy_key"].shape) != (624,):
         raise InputError(f"checkpoint {path}: rng.numpy_key is not the 624 words of a numpy state")
@@ -357,6 +381,21 @@ class Progress:
         self.tokens += tokens
 
 
+def best_to_beat(start, args, save, fingerprint):
+    """The validation loss a new run's first best checkpoint must beat: that of the
+    checkpoint it resumes from when that is its own --save (the paper's second pass,
+    `--resume X --save X`), so that a worse epoch never replaces X, provided X's validation
+    was measured on the same valid split (`fingerprint`, the corpus's SHA-256 per split);
+    else +inf, as in the original."""
+    if (start is None or start["kind"] != "sha-rnn" or not args.resume
+            or os.path.realpath(args.resume) != os.path.realpath(save)):
+        return float("inf")
+    recorded, corpus = start["metrics"].get("valid_loss"), start.get("corpus") or {}
+    if recorded is None or corpus.get("valid") != fingerprint["valid"]:
+        return float("inf")
+    return float(recorded)
+
+
 def carried_state(progress, d):
     """The carried LSTM states and memories of the whole batch (gathered across ranks)."""
     if progress.hidden is None:
@@ -516,7 +555,8 @@ def convert_pickle(path, out):
         raise InputError(f"{path} is a folder; give the pickled model file")
     if not os.path.isfile(path):
         raise InputError(f"{path} does not exist")
-    claim([Output("--out", out)], [("the pickled file", path)])
+    check_checkpoint_name("--out", out)
+    claim([Output("--out", out)], [("the pickled file", path)], overwrite=None)  # no --overwrite
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as e:
@@ -528,7 +568,7 @@ def convert_pickle(path, out):
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{path} holds no model (found {type(model).__name__})")
     atomic_save(model.state_dict(), out)
-    print(f"wrote the state_dict of {path} to {out}; pass it to --resume")
+    say(f"wrote the state_dict of {path} to {out}; pass it to --resume")
 
 
 def main(argv=None):

@@ -41,7 +41,8 @@ import torch.nn as nn
 import modelfolder
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser
-from outputs import Output, claim
+from outputs import Output, checkpoint_inputs, claim
+from utils import say
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -299,7 +300,7 @@ def check_args(args):
     outs = [Output("--output", args.output, folder=args.format == "safetensors")]
     if args.format == "safetensors":
         outs += [Output("--output", path) for path in modelfolder.files(args.output)]
-    claim(outs, [("the checkpoint", args.checkpoint)], args.overwrite)
+    claim(outs, checkpoint_inputs(args.checkpoint), args.overwrite)
 
 
 def load_model(path):
@@ -314,9 +315,12 @@ def run(args):
     """Export, check, and print the one-line summary; the file is removed if a check fails."""
     check_args(args)
     if args.format == "safetensors":
-        modelfolder.write(load_checkpoint(args.checkpoint), args.output)
+        try:
+            modelfolder.write(load_checkpoint(args.checkpoint), args.output)
+        except OSError as e:  # a full disk: the files written before are whole (atomic_write)
+            raise InputError(f"cannot write {args.output}: {e.strerror or e}") from None
         weights, config = modelfolder.files(args.output)
-        print(f"wrote {weights} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {config}")
+        say(f"wrote {weights} ({os.path.getsize(weights) / 2**20:.1f} MiB) and {config}")
         return
     require_onnx()
     model, config, vocab = load_model(args.checkpoint)
@@ -332,7 +336,7 @@ def run(args):
             os.remove(tmp)
     inputs, outputs = io_spec(config)
     size = os.path.getsize(args.output) / 2**20
-    print(f"wrote {args.output} ({size:.1f} MiB, opset {args.opset}; onnxruntime matches torch "
+    say(f"wrote {args.output} ({size:.1f} MiB, opset {args.opset}; onnxruntime matches torch "
           f"within {worst:.1e}): inputs {format_ports(inputs)}; outputs {format_ports(outputs)}")
 
 

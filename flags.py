@@ -345,6 +345,16 @@ def check_model_flags(args):
         raise InputError(str(error)) from None
 
 
+def check_checkpoint_name(flag, path):
+    """A torch checkpoint may not be named NAME.safetensors: torch.load reads a file of that
+    name as safetensors, so the checkpoint could not be loaded again."""
+    if path and path.lower().endswith(".safetensors"):
+        raise InputError(f"{flag} {path}: a checkpoint is a torch file, and torch.load reads a "
+                         f"file named .safetensors as safetensors, so it could not be loaded "
+                         f"again; give a .pt name (python export.py --format safetensors then "
+                         f"writes the weights as safetensors, in a model folder)")
+
+
 def check_args(args):
     """Impossible flag values and combinations, as InputError (before anything is loaded;
     the model flags are checked once a recipe and a checkpoint have set them:
@@ -372,6 +382,8 @@ def check_args(args):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not value.strip():
             raise InputError(f"{flag} is empty; give a file path")
+    for flag in ("--save", "--last"):
+        check_checkpoint_name(flag, getattr(args, flag[2:]))
     if args.eval_only and not args.resume:
         raise InputError("--eval-only needs --resume CHECKPOINT")
     if args.resume and args.continue_from:
@@ -401,6 +413,11 @@ def flags_from(start, args, given=()):
     SCHEDULE unless one of those flags is given."""
     if start is None:
         return {}
+    if start["kind"] == "sha-rnn":
+        missing = [k for k in RUN_SETTINGS if k not in start["args"]]
+        if missing:
+            raise InputError(f"checkpoint {start['path']}: args.{missing[0]} is missing (a run "
+                             f"takes its settings from the checkpoint's args)")
     if args.continue_from:
         saved = {k: v for k, v in start["args"].items() if k not in NOT_CARRIED}
         saved["save_interval"] = tuple(saved["save_interval"])
@@ -416,6 +433,81 @@ def flags_from(start, args, given=()):
     if "save_interval" in saved:
         saved["save_interval"] = tuple(saved["save_interval"])
     return saved
+
+
+def check_recorded(recorded, path):
+    """InputError naming the first field of a checkpoint's args (the flags its run was
+    trained with, `recorded`) that no command line gives: an unknown flag, a value of the
+    wrong type, or one check_args refuses."""
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    for key, value in recorded.items():
+        if key not in actions:
+            raise InputError(f"checkpoint {path}: unknown field args.{key}")
+        problem = value_problem(actions[key], value)
+        if problem is not None:
+            raise InputError(f"checkpoint {path}: args.{key} is {value!r}, not a value "
+                             f"{actions[key].option_strings[0]} takes" +
+                             (f" ({problem})" if problem else ""))
+    defaults = vars(parser.parse_args([]))
+    try:
+        check_args(argparse.Namespace(**dict(defaults, **recorded)))
+    except InputError as e:  # named by the field refused alone, where one is
+        alone = next((k for k in recorded if refused(dict(defaults, **{k: recorded[k]}))), None)
+        raise InputError(f"checkpoint {path}: args{'.' + alone if alone else ''}: {e}") from None
+
+
+def refused(values):
+    """True when check_args refuses the flag values of dict `values`."""
+    try:
+        check_args(argparse.Namespace(**values))
+    except InputError:
+        return True
+    return False
+
+
+def value_problem(action, value):
+    """None when `value` is one the parsing of `action`'s flag gives, else why not ("" when
+    the type alone says it)."""
+    if action.nargs == 0:  # store_true
+        return None if isinstance(value, bool) else ""
+    if value is None:
+        return None if action.default is None else ""
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, (list, tuple)):
+            return ""
+        return next((p for p in (item_problem(action, v) for v in value) if p is not None), None)
+    return item_problem(action, value)
+
+
+RECORDED_TYPES = {"cooldown": float}  # a --budget re-plan may make it fractional (budget.py)
+
+
+def item_problem(action, value):
+    """value_problem of one value: a finite number for a number flag, else it must come back
+    unchanged from the flag's type applied to its text; and one of the choices."""
+    kind = RECORDED_TYPES.get(action.dest, action.type)
+    if isinstance(value, bool):
+        good = False
+    elif kind in (None, int, float):
+        good = (isinstance(value, str) if kind is None else
+                isinstance(value, {int: int, float: (int, float)}[kind]) and math.isfinite(value))
+    else:
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], str):
+            text = f"{value[0]}{'min' if value[1] == 'min' else ''}"  # --save-interval
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(map(str, value))  # --attn-layers
+        else:
+            text = str(value)
+        try:
+            parsed = action.type(text)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            return str(e)
+        good = (list(parsed) == list(value) if isinstance(parsed, (list, tuple))
+                and isinstance(value, (list, tuple)) else parsed == value)
+    if good and action.choices is not None and value not in action.choices:
+        return f"choose from {', '.join(map(str, action.choices))}"
+    return None if good else ""
 
 
 UNSET = object()
@@ -440,13 +532,17 @@ FIXED_ON_CONTINUE = ("optimizer", "seed", "batch_size", "unk", "adaptive_softmax
 
 def check_continue_flags(args, saved):
     """Flags whose change --continue cannot honour (the optimizer state, the random streams,
-    the carried state's batch, the vocabulary, the steps a budget fixed): an error instead
-    of a silent no-op."""
+    the carried state's batch, the vocabulary, the best checkpoint the test reads, the steps
+    a budget fixed): an error instead of a silent no-op."""
     for key in FIXED_ON_CONTINUE:
         if key in saved and getattr(args, key) != saved[key]:
             flag = "--" + key.replace("_", "-") if key != "batch_size" else "--batch_size"
             raise InputError(f"{flag} cannot change on --continue (the run has "
                              f"{saved[key]}); start a new run from its weights with --resume")
+    if "save" in saved and os.path.realpath(args.save) != os.path.realpath(saved["save"]):
+        raise InputError(f"--save cannot change on --continue: the run's best checkpoint is "
+                         f"{saved['save']}, which its final test reads; drop --save, or start "
+                         f"a new run from its weights with --resume")
     if args.budget and not saved.get("budget"):
         raise InputError(f"--budget cannot be added on --continue: the run was planned without "
                          f"one; give --max-steps to end it sooner or later")

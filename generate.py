@@ -15,7 +15,6 @@ break, and print words joined by spaces, a line break for each <eos>.
 """
 
 import codecs
-import os
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser, add_threads_flag, check_seed
 from runtime import autocast, pick_device
 from tokens import EOS, NEWLINE, UNK
+from utils import drop_stdout
 
 PRIME_CHUNK = 1024  # most prime positions run through the model at once
 
@@ -258,7 +258,13 @@ def run(args):
                    generator, device)
     text = byte_text if is_byte_vocabulary(vocab) else word_text
     with autocast(device, args.amp):
-        stream(text(prime, ids, vocab), sys.stdout)
+        try:
+            stream(text(prime, ids, vocab), sys.stdout)
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # a full disk under `> sample.txt`
+            drop_stdout()
+            raise InputError(f"cannot write standard output: {e.strerror or e}") from None
     return 0
 
 
@@ -271,7 +277,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped early (e.g. `| head`): not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_stdout()
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

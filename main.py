@@ -228,8 +228,12 @@ def validate(run, progress):
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
                         epoch_time=progress.epoch_time, time=time.time())
-        if val_loss < progress.best_val and ckpt.save_best(run, progress, val_loss):
-            progress.best_val = val_loss
+        if val_loss < progress.best_val:
+            if ckpt.save_best(run, progress, val_loss):
+                progress.best_val = val_loss
+        elif progress.best_val < float("inf"):
+            run.log(f"Not saving: valid loss {val_loss:.4f} is not below the best, "
+                    f"{progress.best_val:.4f}, which {run.paths['save']} keeps")
     return val_loss
 
 
@@ -306,7 +310,7 @@ def test(run, progress):
     run.log("=" * 89)
     report(run, "End of training", "test", test_loss, run.test_data)
     run.log("=" * 89)
-    if best:
+    if best and "test_loss" not in best["metrics"]:  # a best tested before stays as it is
         ckpt.record_test(run, best, test_loss)
     run.log.metrics(type="test", step=progress.steps, test_loss=test_loss,
                     test_bpc=test_loss / LOG2, time=time.time())
@@ -373,6 +377,8 @@ def setup(args, d, device, start, paths, stop, sources, started):
         torch.manual_seed(args.seed + d.rank)  # distinct dropout masks per rank
     splits = device_data(corpus, args, d, device)
     progress = ckpt.progress_from(start, args, d, device, splits[0].shape[0])
+    if not args.continue_from:
+        progress.best_val = ckpt.best_to_beat(start, args, paths["save"], corpus.fingerprint)
     net = model if d.world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=config["cutoffs"] is not None)

@@ -17,6 +17,7 @@ from flags import InputError
 from utils import atomic_write
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+FIELDS = ("format", "format_version", "config", "vocab", "args", "summary")  # of config.json
 FORMAT_VERSION = 1
 
 
@@ -65,10 +66,12 @@ def read(folder):
         raise InputError(f"{config} is not JSON ({e})") from None
     if not isinstance(description, dict) or "format" not in description:
         raise InputError(f"{config} does not describe a model of this project (no \"format\")")
-    missing = [k for k in ("config", "vocab", "args", "summary", "format_version")
-               if k not in description]
+    missing = [k for k in FIELDS if k not in description]
     if missing:
         raise InputError(f"{config}: {missing[0]} is missing")
+    unknown = [k for k in description if k not in FIELDS]
+    if unknown:
+        raise InputError(f"{config}: unknown field {unknown[0]}")
     if description["format_version"] != FORMAT_VERSION:
         raise InputError(f"{config}: format_version {description['format_version']} is not "
                          f"{FORMAT_VERSION}, the one this code reads")

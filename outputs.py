@@ -14,6 +14,7 @@ import shlex
 import tempfile
 from dataclasses import dataclass
 
+import modelfolder
 from flags import InputError
 from utils import remove_stale_temporaries
 
@@ -50,6 +51,9 @@ def claim(outputs, inputs=(), overwrite=False, locks=False):
             if real(out.path) == real(path):
                 raise InputError(f"{out.flag} {out.path} is {what}, which this command reads; "
                                  f"choose another path")
+            if locks and real(out.lock) == real(path):
+                raise InputError(f"the lock file of {out.flag} {out.path}, {out.lock}, is {what}, "
+                                 f"which this command reads; choose another path")
         if not out.folder and os.path.exists(out.path) and not out.replaces and not overwrite:
             raise InputError(f"{out.flag} {out.path} exists; choose a new path" +
                              (", or pass --overwrite to replace it" if overwrite is not None else ""))
@@ -64,12 +68,25 @@ def claim(outputs, inputs=(), overwrite=False, locks=False):
             named[key] = out
 
 
+def checkpoint_inputs(path, what="the checkpoint"):
+    """The (description, path) inputs of a checkpoint argument: the file, or a model folder
+    (modelfolder.py) with the two files it holds."""
+    if not os.path.isdir(path):
+        return [(what, path)]
+    weights, config = modelfolder.files(path)
+    return [(f"the model folder {path}", path), (f"the weights of the model folder {path}", weights),
+            (f"the description of the model folder {path}", config)]
+
+
 def check_path(out, made=()):
     """InputError unless `out` can be created: a non-empty path, no folder where a file goes
     (or the reverse), and a writable folder to put it in (or one of the folders `made`, the
     resolved folder outputs, which are checked themselves)."""
     if not out.path.strip():
         raise InputError(f"{out.flag} is empty; give a path")
+    if os.path.normpath(out.path).endswith(".lock"):
+        raise InputError(f"{out.flag} {out.path}: a name ending in .lock is a lock file (a run "
+                         f"locks each output PATH as PATH.lock); choose another name")
     if out.folder:
         if os.path.exists(out.path) and not os.path.isdir(out.path):
             raise InputError(f"{out.flag} {out.path} is a file; it must be a folder")
@@ -149,14 +166,13 @@ def plan(args, tmp):
                 "run_dir": os.path.join(tmp, "run"), "moved": None, "kept": False,
                 "tensorboard": args.tensorboard and os.path.join(tmp, "tensorboard")}
     stem = os.path.splitext(args.save)[0]
-    run_dir = args.run_dir or stem + ".run"
+    run_dir, moved = args.run_dir or stem + ".run", None
     if not args.run_dir and not args.continue_from:
         n = 2
         while has_records(run_dir):
-            run_dir, n = f"{stem}.run.{n}", n + 1
+            run_dir, moved, n = f"{stem}.run.{n}", stem + ".run", n + 1
     return {"save": args.save, "last": args.last or stem + ".last.pt", "run_dir": run_dir,
-            "moved": stem + ".run" if run_dir != stem + ".run" else None, "kept": True,
-            "tensorboard": args.tensorboard}
+            "moved": moved, "kept": True, "tensorboard": args.tensorboard}
 
 
 def run_outputs(args, paths, start):
@@ -186,12 +202,24 @@ def run_outputs(args, paths, start):
     return outs
 
 
+def start_inputs(args, paths):
+    """The checkpoint a run starts from, as inputs (checkpoint_inputs), unless it is the one
+    file the run may replace: the last checkpoint it continues, or the --save it resumes
+    from (the paper's second pass)."""
+    flag, source = ("--continue", args.continue_from) if args.continue_from else ("--resume", args.resume)
+    own = paths["last"] if args.continue_from else paths["save"]
+    if not source or real(source) == real(own):
+        return []
+    return checkpoint_inputs(source, f"the checkpoint {flag} reads")
+
+
 def claim_run(args, paths, start, corpus_files, tmp):
     """Before anything is written: check every output of the run (a dry run checks the
     real ones too, then writes into its temporary folder), then lock them and clear what an
     earlier crash left of their temporary files. Returns the Locks (None for a dry run)."""
     real_paths = plan(args, None) if tmp else paths
     inputs = [("the corpus folder", args.data)] + [("a corpus file", f) for f in corpus_files]
+    inputs += start_inputs(args, real_paths)
     outs = run_outputs(args, real_paths, start)
     if args.run_dir and not args.continue_from and has_records(real_paths["run_dir"]):
         raise InputError(f"--run-dir {real_paths['run_dir']} holds another run's records; choose "
@@ -209,10 +237,18 @@ def claim_run(args, paths, start, corpus_files, tmp):
 
 
 def check_tensorboard(folder, new):
-    """--tensorboard: the optional package is installed, and a new run's folder holds no
-    other run's events (their curves would mix)."""
+    """--tensorboard: the optional package is installed and imports (a protobuf of another
+    version breaks it), and a new run's folder holds no other run's events (their curves
+    would mix)."""
     if importlib.util.find_spec("tensorboard") is None:
         raise InputError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (what the run uses)
+    except Exception as e:  # whatever a broken installation raises
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise InputError(f"--tensorboard: the tensorboard package is installed but does not "
+                         f"import ({type(e).__name__}: {detail}); repair it, e.g. pip install "
+                         f"--upgrade tensorboard protobuf") from None
     events = os.path.isdir(folder) and any(name.startswith("events.out.tfevents")
                                            for name in os.listdir(folder))
     if new and events:

@@ -10,6 +10,7 @@ matplotlib is needed for this script only: pip install matplotlib
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from flags import InputError, Parser
 from outputs import Output, claim
+from utils import atomic_write
 
 CEILING_QUANTILE = 0.95  # default top of the bpc axis, as a quantile of the plotted bpc
 TRAIN_WIDTH = 1.0
@@ -45,6 +47,9 @@ def parse_args(argv):
     p.add_argument("--output", default="curves.png",
                    help="image to write; the format follows the extension, e.g. .png, .pdf, "
                         ".svg, and a name without one gets .png (default: curves.png)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the file --output names if it exists (without it, an existing "
+                        "file is refused)")
     p.add_argument("--title", default=None, help="title above both panels (default: none)")
     p.add_argument("--ymax", type=bpc_flag, default=None, metavar="BPC",
                    help="top of the bpc axis (default: the 95th percentile of the plotted bpc, "
@@ -235,10 +240,17 @@ def draw(runs, output, title=None, ymax=None):
     rows = math.ceil(len(handles) / LEGEND_COLUMNS)
     fig.legend(handles=handles, loc="outside lower center", ncol=math.ceil(len(handles) / rows),
                frameon=False)
+    image = io.BytesIO()  # drawn whole first, in the format named, then put in place
     try:
-        fig.savefig(output, dpi=110)
+        fig.savefig(image, format=image_format(output), dpi=110)
+        atomic_write(output, lambda f: f.write(image.getvalue()))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot write {output}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def image_format(path):
+    """The image format of a file name: its extension, lower case ("png", "pdf", ...)."""
+    return os.path.splitext(path)[1][1:].lower()
 
 
 def main(argv=None):
@@ -248,12 +260,12 @@ def main(argv=None):
     except SystemExit as e:
         return e.code
     try:
-        if not os.path.splitext(args.output)[1] and not os.path.isdir(args.output):
+        if args.output.strip() and not image_format(args.output) and not os.path.isdir(args.output):
             args.output += ".png"
-        claim([Output("--output", args.output, replaces=True)],  # a plot is redrawn freely
+        claim([Output("--output", args.output)],
               [(f"the records of {run}", os.path.join(run, name)) for run in args.runs
                for name in ("metrics.jsonl", "continues.jsonl")] +
-              [("a run folder", run) for run in args.runs])
+              [("a run folder", run) for run in args.runs], args.overwrite)
         runs = [load_run(p, n) for p, n in zip(args.runs, run_names(args.runs))]
         draw(runs, args.output, args.title, args.ymax)
     except InputError as e:

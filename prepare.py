@@ -22,7 +22,7 @@ from data import SPLITS, split_files
 from flags import InputError
 from outputs import Output, claim
 from tokens import NEWLINE
-from utils import atomic_write
+from utils import atomic_write, say
 
 WRITE_ORDER = ("valid", "test", "train")  # train.txt last: its presence marks a finished folder
 WRITE_CHUNK = 1 << 22  # bytes converted per step by the byte-format writer
@@ -72,19 +72,39 @@ def _write_byte_format(data, f):
 
 def _write_splits(out_dir, parts, byte_level):
     """Write {split: bytes} as train.txt/valid.txt/test.txt: copied as they are, or in the
-    byte format with the raw bytes beside them in .raw files."""
+    byte format with the raw bytes beside them in .raw files. A failure (a full disk, a
+    signal) removes what was written, and the folder if this call made it; the lines saying
+    what was written come once all of it is."""
     out_dir = Path(out_dir)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for split in WRITE_ORDER:
-        data = parts[split]
-        target = out_dir / f"{split}.txt"
-        if byte_level:
-            atomic_write(out_dir / f"{split}.txt.raw", lambda f: f.write(data))
-            atomic_write(target, lambda f: _write_byte_format(data, f))
-            print(f"{split}: {len(data):,} bytes -> {target} (byte format) and {target.name}.raw")
-        else:
-            atomic_write(target, lambda f: f.write(data))
-            print(f"{split}: {len(data):,} bytes -> {target}")
+    written, lines = [], []
+    try:
+        for split in WRITE_ORDER:
+            data = parts[split]
+            target = out_dir / f"{split}.txt"
+            if byte_level:
+                written.append(out_dir / f"{split}.txt.raw")
+                atomic_write(written[-1], lambda f: f.write(data))
+                written.append(target)
+                atomic_write(target, lambda f: _write_byte_format(data, f))
+                lines.append(f"{split}: {len(data):,} bytes -> {target} (byte format) and "
+                             f"{target.name}.raw")
+            else:
+                written.append(target)
+                atomic_write(target, lambda f: f.write(data))
+                lines.append(f"{split}: {len(data):,} bytes -> {target}")
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    try:
+        for line in lines:
+            say(line)
+    except InputError as e:
+        raise InputError(f"{e}; the corpus in {out_dir} is written") from None
 
 
 def _existing_archive(path):
@@ -227,6 +247,9 @@ def prepare_text(paths, out_dir, fraction=0.05):
         raise InputError(f"--fraction must be between 0 and 0.5, got {fraction}")
     claim_corpus(out_dir, paths)
     data = read_text(paths)
+    if data and int(len(data) * fraction) < 1:
+        raise InputError(f"--fraction {fraction:g} of {len(data):,} bytes is less than one byte "
+                         f"per held-out split; give --fraction {1 / len(data):.2g} or more")
     parts = _held_out_parts(data, int(len(data) * fraction), " ".join(map(str, paths)))
     _write_nonempty(out_dir, parts)
 
@@ -235,6 +258,14 @@ def prepare_splits(train, valid, test, out_dir):
     """A byte-level corpus folder from three explicit sources (each a file or a folder,
     read as text_files does), used as they are."""
     claim_corpus(out_dir, [train, valid, test])
+    named = {split: {p.resolve() for p in text_files([path])}
+             for split, path in zip(SPLITS, (train, valid, test))}
+    for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        shared = sorted(named[first] & named[second])
+        if shared:
+            raise InputError(f"--{first} and --{second} both hold {shared[0]}: the {second} split "
+                             f"would score text of the {first} split; give each split its own "
+                             f"text (or one text to split: prepare.py text PATH OUTDIR)")
     _write_nonempty(out_dir, {split: read_text([path])
                               for split, path in zip(SPLITS, (train, valid, test))})
 

@@ -21,7 +21,9 @@ fail() {
 }
 
 command -v "$python" >/dev/null 2>&1 || fail "$python not found: install Python 3.10 or newer (or set PYTHON)"
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+recent=$("$python" -c 'import sys; print(sys.version_info >= (3, 10))' 2>&1) ||
+    fail "$python does not run: $(echo "$recent" | head -n 1) (set PYTHON to another interpreter)"
+[ "$recent" = True ] ||
     fail "$("$python" -V 2>&1) is too old: Python 3.10 or newer is needed (set PYTHON, e.g. PYTHON=python3.11)"
 [ -f "$requirements" ] || fail "$requirements not found: run this from the clone's folder"
 
@@ -35,10 +37,16 @@ if [ -f "$stamp" ]; then
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
+    [ -w . ] || fail "cannot create $venv: $(pwd) is not writable (clone the project where you can write)"
     echo "setup: creating $venv with $("$python" -V 2>&1)"
     "$python" -m venv "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
 fi
 log=$venv/setup.log
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then  # e.g. its creation was interrupted
+    echo "setup: $venv has no pip; adding it (python -m ensurepip)"
+    "$venv/bin/python" -m ensurepip >>"$log" 2>&1 ||
+        fail "$venv has no pip and ensurepip could not add it: delete $venv and run this again (on Debian or Ubuntu: apt install python3-venv)"
+fi
 pip() {
     "$venv/bin/python" -m pip install --disable-pip-version-check --timeout 30 --retries 2 "$@" >>"$log" 2>&1
 }

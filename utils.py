@@ -123,13 +123,36 @@ def remove_stale_temporaries(path):
             os.close(fd)
 
 
+# --- standard output ---------------------------------------------------------------------
+
+def drop_stdout():
+    """Send what is left of standard output to /dev/null once writing it failed (a full
+    disk under `> file`), so that the interpreter's last flush does not fail on it again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind it (a test's capture)
+        pass
+
+
+def say(line):
+    """Print a result line now; a standard output that cannot be written (a full disk, a
+    reader gone) is an InputError: one line on stderr."""
+    from flags import InputError
+    try:
+        print(line, flush=True)
+    except OSError as e:
+        drop_stdout()
+        raise InputError(f"cannot write standard output: {e.strerror or e}") from None
+
+
 # --- run records -------------------------------------------------------------------------
 
 class RunLog:
     """Prints the log lines and keeps the run folder: log.txt (a copy of stdout) and
     metrics.jsonl (one JSON object per record). Only rank 0 writes (`enabled`).
 
-    A record that cannot be written (a full disk) never stops the caller with an error:
+    A record, or a log line's standard output, that cannot be written (a full disk) never
+    stops the caller with an error:
     the records stop there, `failure` says why, and `on_failure()` is called once (main.py
     then stops the run and writes its last checkpoint)."""
 
@@ -151,8 +174,12 @@ class RunLog:
     def __call__(self, line=""):
         if not self.enabled:
             return
-        print(line, flush=True)
         self._write(self.log, line + "\n")
+        try:
+            print(line, flush=True)
+        except OSError as e:  # a full disk under `> run.log`, a reader gone: as a record's
+            drop_stdout()
+            self.fail(f"cannot write standard output: {e.strerror or e}")
 
     def metrics(self, **record):
         self._write(self.metrics_file, json.dumps(record) + "\n")

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -86,7 +87,9 @@ def world(tmp_path_factory):
     root.joinpath("records", "log.txt").write_text("another run\n")
     root.joinpath("rd").mkdir()
     root.joinpath("exists.pt").write_text("another run's weights\n")
+    root.joinpath("thesis.pdf").write_bytes(b"%PDF-1.7 a thesis\n")
     torch.save([torch.nn.Linear(2, 2), None, None], w.p("model.pt"))
+    shutil.copy(w.good, w.p("held.pt.lock"))  # a checkpoint named as a lock file
     with open(w.p("evil.pkl"), "wb") as f:
         pickle.dump(Boom(w.p("pwned")), f)
     w.readonly = root / "readonly"
@@ -107,9 +110,8 @@ def world(tmp_path_factory):
 
 def broken_folders(w):
     """Model folders (export.py --format safetensors) broken in one way each."""
-    import shutil
     from safetensors.torch import load_file, save_file
-    good = w.p("good-model")
+    good = w.model = w.p("good-model")
     assert quietly(export.main, ["--checkpoint", w.good, "--format", "safetensors",
                                  "--output", good]) == 0
     w.folders = {}
@@ -140,6 +142,8 @@ def broken_folders(w):
         json.dumps({"model_type": "gpt2", "n_layer": 12})))
     variant("format version 2", rewrite(lambda d: d.update(format_version=2)))
     variant("wrong shapes", shapes)
+    variant("unknown field", rewrite(lambda d: d.update(surprise=1)))
+    variant("a token twice", rewrite(lambda d: d["vocab"].__setitem__(1, d["vocab"][0])))
     variant("garbage weights", lambda p: open(os.path.join(p, "model.safetensors"), "wb").write(
         b"\xff" * 64))
 
@@ -161,6 +165,18 @@ def broken_checkpoints(w):
         "short vocabulary": lambda c: c.update(vocab=c["vocab"][:-1]),
         "nan weights": lambda c: c["model"]["decoder.bias"].fill_(float("nan")),
         "metrics a list": lambda c: c.update(metrics=[]),
+        "version 99": lambda c: c.update(version=99),
+        "a token twice": lambda c: c["vocab"].__setitem__(1, c["vocab"][0]),
+        "valid loss nan": lambda c: c["metrics"].update(valid_loss=float("nan")),
+        "bptt abc": lambda c: c["args"].update(bptt="abc"),
+        "lr nan": lambda c: c["args"].update(lr=float("nan")),
+        "when abc": lambda c: c["args"].update(when="abc"),
+        "cooldown inf": lambda c: c["args"].update(cooldown=float("inf")),
+        "bptt 1e9": lambda c: c["args"].update(bptt=1e9),
+        "bptt 3": lambda c: c["args"].update(bptt=3),
+        "interval of 0 minutes": lambda c: c["args"].update(save_interval=[0, "min"]),
+        "unknown flag": lambda c: c["args"].update(surprise=1),
+        "no bptt": lambda c: c["args"].pop("bptt"),
     }
     last = {
         "no steps": lambda c: c["progress"].pop("steps"),
@@ -172,6 +188,10 @@ def broken_checkpoints(w):
         "carry of another width": lambda c: c.update(carry={
             "hidden": [(torch.zeros(1, 4, 7), torch.zeros(1, 4, 7))] * 2, "mems": [None] * 2}),
         "optimizer without progress": lambda c: c.pop("progress"),
+        "sgd named on a LAMB state": lambda c: c["progress"].update(optimizer_name="sgd"),
+        "epoch beyond the steps": lambda c: c["progress"].update(epoch=10**6),
+        "best nan": lambda c: c["progress"].update(best_val=float("nan")),
+        "history of text": lambda c: c["progress"].update(val_history=["a"]),
     }
     w.broken = {name: tweaked(w.good, w.p(f"best {name}.pt"), change) for name, change in best.items()}
     w.broken.update({name: tweaked(w.last, w.p(f"last {name}.pt"), change)
@@ -203,7 +223,7 @@ def main_cases(w):
         "save is a split file": (["--save", os.path.join(w.data, "train.txt")], "corpus file"),
         "last is a split file": ([*new, "--last", os.path.join(w.data, "valid.txt")], "corpus file"),
         "last is the save file": ([*new, "--last", new[1]], "same file"),
-        "last is the save's lock file": ([*new, "--last", new[1] + ".lock"], "same file"),
+        "last is the save's lock file": ([*new, "--last", new[1] + ".lock"], "lock file"),
         "save is a folder": (["--save", w.p("afolder")], "folder"),
         "save is empty": (["--save", ""], "--save"),
         "save exists": (["--save", w.p("exists.pt")], "exists"),
@@ -212,10 +232,26 @@ def main_cases(w):
         "run dir is a file": ([*new, "--run-dir", w.p("afile")], "--run-dir"),
         "run dir is the corpus folder": ([*new, "--run-dir", w.data], "corpus folder"),
         "run dir is a lock file": (["--save", w.p("o9.pt"), "--run-dir", w.p("o9.pt.lock")],
-                                   "same file"),
+                                   "lock file"),
         "last is the run folder": (["--save", w.p("o5"), "--last", w.p("o5.run")], "same file"),
         "last and run dir are one path": ([*new, "--last", w.p("x.pt"), "--run-dir", w.p("x.pt")],
                                           "same file"),
+        "save named .safetensors": (["--save", w.p("m.safetensors")], "export.py --format safetensors"),
+        "save is the resumed folder's weights": (["--resume", w.model, "--save",
+                                                  os.path.join(w.model, "model.safetensors"),
+                                                  "--overwrite"], ".safetensors"),
+        "last named .safetensors": ([*new, "--last", w.p("m.last.SafeTensors")], "--last"),
+        "save is the resumed folder's description": (["--resume", w.model, "--save",
+                                                      os.path.join(w.model, "config.json"),
+                                                      "--overwrite"], "model folder"),
+        "run dir is the resumed folder": ([*new, "--resume", w.model, "--run-dir", w.model,
+                                           "--overwrite"], "model folder"),
+        "tensorboard is the resumed folder": ([*new, "--resume", w.model, "--tensorboard",
+                                               w.model], "model folder"),
+        "last is the resumed checkpoint": ([*new, "--resume", w.good, "--last", w.good,
+                                            "--overwrite"], "--resume reads"),
+        "save's lock file is the resumed checkpoint": (["--save", w.p("held.pt"), "--resume",
+                                                        w.p("held.pt.lock")], "lock file"),
         "run dir holds another run": ([*new, "--run-dir", w.p("records")], "another run"),
         "run dir file is the last": ([*new, "--run-dir", w.p("rd"), "--last",
                                       w.p("rd", "log.txt")], "same file"),
@@ -247,7 +283,14 @@ def main_cases(w):
             ("string ninp", "config.ninp is a str"), ("no layers", "nlayers"),
             ("negative memory", "mem_len"), ("wrong shape", "encoder.weight"),
             ("short vocabulary", "vocab"), ("nan weights", "not finite"),
-            ("metrics a list", "metrics is a list"))},
+            ("metrics a list", "metrics is a list"), ("version 99", "version 99"),
+            ("a token twice", "twice"), ("valid loss nan", "metrics.valid_loss is nan"),
+            ("bptt abc", "args.bptt is 'abc'"), ("lr nan", "args.lr is nan"),
+            ("when abc", "args.when is 'abc'"), ("cooldown inf", "args.cooldown is inf"),
+            ("bptt 1e9", "args.bptt is 1000000000.0"),
+            ("bptt 3", "args.bptt: --bptt must be at least 5"),
+            ("interval of 0 minutes", "args.save_interval is [0, 'min']"),
+            ("unknown flag", "unknown field args.surprise"), ("no bptt", "args.bptt is missing"))},
         "eval-only: wrong shape": (["--eval-only", "--resume", b["wrong shape"]], "encoder.weight"),
         "tensorboard folder of another run": ([*new, "--tensorboard", w.p("tb-other")], "another run"),
         "tensorboard is a file": ([*new, "--tensorboard", w.p("afile")], "--tensorboard"),
@@ -272,13 +315,21 @@ def main_cases(w):
                                 ("config of another model", "format"),
                                 ("format version 2", "format_version"),
                                 ("wrong shapes", "encoder.weight"),
-                                ("garbage weights", "safetensors"))},
+                                ("garbage weights", "safetensors"),
+                                ("unknown field", "unknown field surprise"),
+                                ("a token twice", "twice"))},
+        "continue with a new save": (["--continue", w.last, "--save", w.p("cc_new.pt")],
+                                     "--save cannot change on --continue"),
         **{f"continue: {name}": (["--continue", b[name], *last], needle) for name, needle in (
             ("no steps", "progress.steps is missing"), ("position beyond the data", "progress.i"),
             ("string epoch", "progress.epoch is a str"),
             ("optimizer of another model", "optimizer"), ("short random state", "rng.numpy_key"),
             ("no random state", "rng is missing"), ("carry of another width", "carry"),
-            ("optimizer without progress", "progress is missing"))},
+            ("optimizer without progress", "progress is missing"),
+            ("sgd named on a LAMB state", "optimizer_name 'sgd'"),
+            ("epoch beyond the steps", "progress.epoch (1000000)"),
+            ("best nan", "progress.best_val is nan"),
+            ("history of text", "progress.val_history"))},
     }
 
 
@@ -297,6 +348,12 @@ def script_cases(w):
         "generate: folder without weights": ("generate", ["--checkpoint",
                                                           w.folders["without weights"]],
                                              "model.safetensors"),
+        "generate: a token twice": ("generate", ["--checkpoint", b["a token twice"]], "twice"),
+        "generate: folder with a token twice": ("generate", ["--checkpoint",
+                                                             w.folders["a token twice"]], "twice"),
+        "export: folder with a token twice": ("export", ["--checkpoint", w.folders["a token twice"],
+                                                         "--format", "safetensors", "--output",
+                                                         w.p("x-model")], "twice"),
         "export: folder of another model": ("export", ["--checkpoint",
                                                       w.folders["config of another model"],
                                                       "--output", w.p("x.onnx")], "format"),
@@ -308,6 +365,12 @@ def script_cases(w):
                                             "is a file"),
         "export: output is the checkpoint": ("export", ["--checkpoint", w.good, "--output", w.good],
                                              "the checkpoint"),
+        "export: output is the folder's weights": ("export", [
+            "--checkpoint", w.model, "--output", os.path.join(w.model, "model.safetensors"),
+            "--overwrite"], "model folder"),
+        "export: folder over itself": ("export", ["--checkpoint", w.model, "--format",
+                                                  "safetensors", "--output", w.model,
+                                                  "--overwrite"], "model folder"),
         "export: output exists": ("export", ["--checkpoint", w.good, "--output", w.p("exists.pt")],
                                   "--overwrite"),
         "export: output is a folder": ("export", ["--checkpoint", w.good, "--output",
@@ -317,6 +380,8 @@ def script_cases(w):
         "plot: output is a folder": ("plot", [w.run, "--output", w.p("afolder")], "folder"),
         "plot: output is the records": ("plot", [w.run, "--output",
                                                  os.path.join(w.run, "metrics.jsonl")], "records"),
+        "plot: output exists": ("plot", [w.run, "--output", w.p("thesis.pdf")], "--overwrite"),
+        "plot: output is empty": ("plot", [w.run, "--output", ""], "--output is empty"),
         "bench: seed beyond 32 bits": ("bench", [*bench_flags, "--seed", "99999999999999999999"],
                                        "--seed"),
         "bench: steps beyond any run": ("bench", [*bench_flags, "--steps", "99999999999999999999"],
@@ -338,6 +403,14 @@ def script_cases(w):
                                                   w.p("book.txt"), w.p("out")], "--test"),
         "prepare: fraction of a half": ("prepare", ["text", w.p("book.txt"), w.p("out"),
                                                     "--fraction", "0.5"], "--fraction"),
+        "prepare: fraction below a byte": ("prepare", ["text", w.p("book.txt"), w.p("out"),
+                                                       "--fraction", "1e-9"], "less than one byte"),
+        "prepare: train is the test": ("prepare", ["text", "--train", w.p("book.txt"), "--valid",
+                                                   w.p("notes.txt"), "--test", w.p("book.txt"),
+                                                   w.p("out")], "--train and --test both hold"),
+        "prepare: test inside the train folder": ("prepare", [
+            "text", "--train", w.p("half"), "--valid", w.p("notes.txt"), "--test",
+            w.p("half", "valid.txt.raw"), w.p("out")], "--train and --test both hold"),
         "prepare: archive missing": ("prepare", ["enwik8", w.p("enwik8.zip"), w.p("out")],
                                      "archive not found"),
         "convert: a folder": ("checkpoint", ["convert-pickle", w.p("afolder"), "--trust-this-file"],
@@ -352,6 +425,12 @@ def script_cases(w):
         "convert: out is the file": ("checkpoint", ["convert-pickle", w.p("model.pt"), "--out",
                                                     w.p("model.pt"), "--trust-this-file"],
                                      "the pickled file"),
+        "convert: out named .safetensors": ("checkpoint", ["convert-pickle", w.p("evil.pkl"),
+                                                          "--out", w.p("w.safetensors"),
+                                                          "--trust-this-file"], ".safetensors"),
+        "convert: out is a lock file": ("checkpoint", ["convert-pickle", w.p("evil.pkl"), "--out",
+                                                       w.p("good.pt.lock"), "--trust-this-file"],
+                                        "lock file"),
         "convert: truncated": ("checkpoint", ["convert-pickle", w.p("truncated.pt"), "--out",
                                               w.p("t.pt"), "--trust-this-file"], "cannot unpickle"),
     }

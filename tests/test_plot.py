@@ -108,6 +108,29 @@ def test_output_without_extension_gets_png(finished_run, tmp_path, capsys):
     read_png(tmp_path / "curves.png")
 
 
+def test_an_existing_file_is_replaced_only_with_overwrite(finished_run, tmp_path, capsys):
+    out = tmp_path / "thesis.pdf"
+    out.write_bytes(b"%PDF-1.7 a thesis")
+    assert plot.main([finished_run, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--overwrite" in err
+    assert out.read_bytes() == b"%PDF-1.7 a thesis"
+    assert plot.main([finished_run, "--output", str(out), "--overwrite"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert out.read_bytes().startswith(b"%PDF") and out.stat().st_size > 5000
+    assert sorted(os.listdir(tmp_path)) == ["ENWIK8.run", "thesis.pdf"]  # no temporary left
+
+
+def test_the_file_written_is_the_one_named(finished_run, tmp_path, capsys, monkeypatch):
+    """A name whose only dot starts it (.hidden) gets .png, and the format given is used,
+    so matplotlib adds no extension of its own."""
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([finished_run, "--output", ".hidden"]) == 0
+    assert capsys.readouterr().out.strip() == "wrote .hidden.png"
+    assert sorted(os.listdir(tmp_path)) == [".hidden.png", "ENWIK8.run"]
+    read_png(tmp_path / ".hidden.png")
+
+
 def test_run_without_valid_records(tmp_path):
     records = [r for r in train_records(1, seed=4, floor=1.2, start_time=1.7e9)
                if r["type"] == "train"]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
 import checkpoint
 
 
@@ -162,3 +162,93 @@ def test_pickled_model_file_is_refused_with_conversion_advice(corpus_dir, tmp_pa
     assert result.returncode == 2
     assert "pickled" in result.stderr and "state_dict" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- the paper's second pass -------------------------------------------------------------
+
+def test_the_second_pass_replaces_its_save_only_with_a_better_validation(corpus_dir, tmp_path,
+                                                                        capsys):
+    """--resume X --save X: the best to beat is X's recorded validation on the same valid
+    split, so a ruined epoch (lr 100) keeps X, byte for byte (its test, measured again at
+    another bptt, is not written into it), and says so in one line; on another valid split
+    X's number does not count and the first validation replaces it."""
+    save = tmp_path / "m.pt"
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), *SMALL,
+                           "--epochs", "1")
+    assert code == 0, err
+    first = digest(save)
+    ruin = ["--save", str(save), "--resume", str(save), *SMALL, "--epochs", "1",
+            "--max-steps", "20", "--lr", "100", "--warmup", "1", "--bptt", "20"]
+    code, out, err = run_cli(capsys, "--data", corpus_dir, *ruin)
+    assert code == 0, err
+    assert digest(save) == first
+    assert "Saving model" not in out
+    kept = [line for line in out.splitlines() if line.startswith("Not saving")]
+    assert len(kept) == 1 and kept[0].endswith(f"which {save} keeps"), out
+    other = write_corpus(tmp_path / "other", sentences(600, 1), sentences(60, 7),
+                         sentences(60, 3))
+    code, out, err = run_cli(capsys, "--data", other, *ruin)
+    assert code == 0, err
+    assert "Saving model (new best validation)" in out and digest(save) != first
+
+
+# --- standard output on a full device ----------------------------------------------------
+
+def to_full_disk(script, *argv):
+    """Run a script with its standard output on /dev/full, where every write fails."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+def test_a_full_standard_output_is_one_line_for_every_script(corpus_dir, tmp_path, capsys):
+    save = str(tmp_path / "m.pt")
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", save, *SMALL, "--epochs", "1",
+                           "--max-steps", "5")
+    assert code == 0, err
+    book = tmp_path / "book.txt"
+    book.write_bytes(sentences(200, 4))
+    runs = {"main": to_full_disk("main.py", "--data", corpus_dir, "--save", str(tmp_path / "n.pt"),
+                                 *SMALL, "--epochs", "1"),
+            "generate": to_full_disk("generate.py", "--checkpoint", save, "--length", "20"),
+            "export": to_full_disk("export.py", "--checkpoint", save, "--format", "safetensors",
+                                   "--output", str(tmp_path / "m-model")),
+            "prepare": to_full_disk("prepare.py", "text", str(book), str(tmp_path / "corpus"))}
+    for name, result in runs.items():
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "cannot write standard output: No space left on device" in result.stderr, name
+    assert not os.path.exists(tmp_path / "n.pt")  # stopped at its first line
+    assert checkpoint.load_checkpoint(str(tmp_path / "m-model"))["kind"] == "sha-rnn"
+    assert "the corpus in" in runs["prepare"].stderr
+    assert sorted(os.listdir(tmp_path / "corpus")) == sorted(
+        f"{split}.txt{raw}" for split in ("train", "valid", "test") for raw in ("", ".raw"))
+
+
+def test_a_reader_gone_mid_run_stops_it_with_the_last_checkpoint_written(corpus_dir, tmp_path):
+    proc = start("--data", corpus_dir, "--save", str(tmp_path / "m.pt"), *SMALL, "--epochs", "3",
+                 "--log-interval", "5")
+    wait_for(proc, "| epoch   1 |")
+    proc.stdout.close()  # the next log line meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: cannot write standard output: Broken pipe; training stopped")
+    assert f"--continue {tmp_path / 'm.last.pt'}" in err
+    assert checkpoint.load_checkpoint(str(tmp_path / "m.last.pt"))["progress"]["steps"] > 0
+
+
+def test_prepare_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    import errno
+    import prepare
+    import utils
+
+    def full_disk(path):
+        if str(path).endswith("test.txt.raw"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    book = tmp_path / "book.txt"
+    book.write_bytes(sentences(200, 4))
+    monkeypatch.setattr(utils, "WRITE_HOOKS", [full_disk])
+    assert prepare.main(["text", str(book), str(tmp_path / "out" / "corpus")]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["book.txt", "out"]  # the folder it made is gone
+    assert os.listdir(tmp_path / "out") == []

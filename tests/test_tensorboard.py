@@ -1,6 +1,9 @@
 """--tensorboard: the run's scalars as TensorBoard events, read back with tensorboard's own
 reader; a continued run extends the same curves without a jump or a duplicate."""
 
+import os
+import sys
+
 import pytest
 
 import main
@@ -66,3 +69,24 @@ def test_tensorboard_is_optional_and_says_how_to_install(corpus_dir, tmp_path, c
                              "--tensorboard", str(tmp_path / "tb"))
     assert code == 2 and err.count("\n") == 1 and "pip install tensorboard" in err
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "tb").exists()
+
+
+class BrokenImport:
+    """A finder under which torch.utils.tensorboard fails to import, as with a protobuf of
+    another version."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.utils.tensorboard":
+            raise TypeError("Descriptors cannot be created directly.")
+        return None
+
+
+def test_a_tensorboard_that_does_not_import_is_one_line_before_any_record(corpus_dir, tmp_path,
+                                                                          capsys, monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenImport()] + sys.meta_path)
+    code, out, err = run_cli(capsys, "--data", corpus_dir, *SMALL, "--save", str(tmp_path / "m.pt"),
+                             "--tensorboard", str(tmp_path / "tb"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "does not import (TypeError: Descriptors cannot be created directly.)" in err
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # no records, no checkpoint, no events

@@ -60,6 +60,11 @@ def test_a_new_run_tests_only_what_it_wrote_and_keeps_records_apart(corpus_dir, 
     assert digests(tmp_path / "m.run") == old_records
     assert "Run records in " + str(tmp_path / "m.run.2") in out
     assert (tmp_path / "m.run.2" / "log.txt").read_text() == out
+    # Its --continue goes on in m.run.2 and moves nothing: no line about an earlier run.
+    code, more, err = run_cli(capsys, "--continue", str(tmp_path / "m.last.pt"))
+    assert code == 0 and "This run is finished" in more, err
+    assert "earlier run" not in more and "run records " + str(tmp_path / "m.run.2") in more
+    assert (tmp_path / "m.run.2" / "log.txt").read_text() == out + more
 
 
 @pytest.mark.slow
@@ -255,3 +260,7 @@ def test_pickled_file_advice_is_safe_and_the_converter_needs_consent(corpus_dir,
     assert done.returncode == 0, done.stderr
     state = torch.load(path + ".state_dict.pt", weights_only=True)
     assert set(state) == {"weight", "bias"} and state["weight"].shape == (2, 3)
+    again = subprocess.run(convert + ["--trust-this-file"], capture_output=True, text=True,
+                           timeout=120)  # the converter has no --overwrite: none is advised
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "exists; choose a new path" in again.stderr and "--overwrite" not in again.stderr
