@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import budget
@@ -35,8 +34,8 @@ from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, eval_batch_size, l
                    resolve_flags, settings_line)
 from runtime import Dist, Stop, agree, amp_mode, leave, pick_device, setup_distributed
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
-                      check_fits, device_data, evaluate, lr_at, make_step, place_model, plan_run,
-                      sample_seq_len, train_step)
+                      check_fits, device_data, distributed, evaluate, lr_at, make_step,
+                      place_model, plan_run, sample_seq_len, train_step)
 from utils import LOG2, RunLog, append_json_line, environment, safe_exp, write_json
 
 
@@ -330,9 +329,7 @@ def setup(args, d, device, start, paths, stop, sources, started):
         torch.manual_seed(args.seed + d.rank)  # distinct dropout masks per rank
     splits = device_data(corpus, args, d, device)
     progress = ckpt.progress_from(start, args, d, device, splits[0].shape[0])
-    net = model if d.world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=config["cutoffs"] is not None)
+    net = distributed(model, device) if d.world > 1 else None
     step = make_step(model, args, device, progress.optimizer_name, net)
     if args.continue_from:
         ckpt.restore_training(step, rng, start, d)

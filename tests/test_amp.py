@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from training import Step, train_step
+from training import Step, WithLoss, train_step
 from conftest import ROOT, SMALL, perturb, run_cli
 from lamb import Lamb
 from model import SHARNN
@@ -63,7 +63,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-2, weight_decay=1e-6, min_trust=0.25)
     scaler = make_scaler(CPU, "fp16")
-    run = Step(model, model, optimizer, scaler, 0.25, CPU, "fp16")
+    run = Step(model, WithLoss(model), optimizer, scaler, 0.25, CPU, "fp16")
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
     poison = {"on": False}
     handle = params[3].register_hook(lambda g: g * float("inf") if poison["on"] else g)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from training import Step, build_optimizer, detach, make_step, train_step
+from training import Step, WithLoss, build_optimizer, detach, make_step, train_step
 from runtime import make_scaler
 from conftest import ROOT
 from lamb import Lamb
@@ -45,7 +45,7 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
     model = tiny_model(sdpa, attn_layers, heads)
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
-    run = Step(model, model, None, make_scaler(CPU, "none"), 0.25, CPU, "none")
+    run = Step(model, WithLoss(model), None, make_scaler(CPU, "none"), 0.25, CPU, "none")
     hidden = mems = floor_hidden = floor_mems = None
     for x, y in batches():
         model.zero_grad(set_to_none=True)
