@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from checkpoint import build_model as build_sharnn, model_config
 from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
                    check_seed)
-from model import LN_EPS, gelu, lstm_needs_float32
+from model import LN_EPS, autocast_dtype, gelu, lstm_dtype
 from runtime import amp_mode, autocast, make_scaler, out_of_memory, pick_device
 from training import (build_optimizer, check_fits, device_memory, make_step, place_model,
                       train_step)
@@ -177,8 +177,9 @@ def floor_lstm(P, prefix, x, hidden, training):
         zeros = x.new_zeros(1, x.shape[1], x.shape[2])
         hidden = (zeros, zeros)
     weights = [P[prefix + name] for name in LSTM_WEIGHTS]
-    if lstm_needs_float32(x):
-        with torch.autocast("cpu", enabled=False):
+    amp = autocast_dtype(x.device.type)
+    if amp is not None and lstm_dtype(x.device.type, amp) == torch.float32:
+        with torch.autocast(x.device.type, enabled=False):
             x, hidden = x.float(), tuple(t.float() for t in hidden)
             out, h, c = torch._VF.lstm(x, hidden, weights, True, 1, 0.0, training, False, False)
         return out, (h, c)

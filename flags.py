@@ -166,7 +166,9 @@ def add_device_flags(g):
     g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
                    help="mixed precision: fp16 with dynamic loss scaling (like the original's "
                         "apex O1), bf16, or none (float32); auto is fp16 on CUDA and none on "
-                        "the CPU. On the CPU fp16 runs the LSTMs in float32 (no CPU kernel)")
+                        "the CPU. The LSTMs run in float32 under fp16 on the CPU (no CPU "
+                        "kernel) and under bf16 on CUDA (whose autocast would run them in "
+                        "float16)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the attention and feed-forward parts (LSTMs stay eager)")
     g.add_argument("--checkpoint-activations", action="store_true",

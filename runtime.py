@@ -41,8 +41,8 @@ def amp_dtype(device, amp):
 
 def autocast(device, amp):
     """Mixed precision (CUDA or CPU autocast) in the dtype of --amp; a no-op for float32.
-    Under autocast the attention's query path and the loss stay float32 (model.py), and on
-    the CPU an fp16 LSTM runs in float32 (no CPU kernel)."""
+    Under autocast the attention's query path and the loss stay float32 (model.py), and the
+    LSTMs run in the dtype of model.lstm_dtype."""
     dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
