@@ -273,8 +273,8 @@ def test(run, progress):
 
 def report_dynamic(run, source, bsz, name, steps=0):
     args = run.args
-    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt,
-                               run.step.autocast(), args.dyn_lr, args.dyn_decay, args.dyn_eps,
+    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt, args.amp,
+                               args.dyn_lr, args.dyn_decay, args.dyn_eps,
                                args.dyn_stat_batches, max_batches=run.limits.eval_batches)
     report(run, "dynamic eval", name, loss, source)
     run.log.metrics(type=f"dynamic_{name}", step=steps, loss=loss, bpc=loss / LOG2, time=time.time())
