@@ -424,7 +424,7 @@ def timed(args, quiet=False):
     """Build the model of the flags, warm up, time its steps; returns (times {name: [seconds
     per step]}, device). Prints the header unless `quiet`."""
     check_args(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device, not args.no_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -460,7 +460,7 @@ def main(argv=None):
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
-            d, device = setup_distributed(pick_device(args.device))
+            d, device = setup_distributed(pick_device(args.device, not args.no_tf32))
             lock = claim_outputs(args, paths, start, d, device, tmp)
             run, progress = setup(args, d, device, start, paths, stop, sources, started)
             try:

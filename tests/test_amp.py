@@ -12,6 +12,7 @@ import torch
 
 from training import Step, WithLoss, train_step
 from conftest import ROOT, SMALL, perturb, run_cli
+from flags import InputError
 from lamb import Lamb
 import model as model_module
 from model import SHARNN, lstm_dtype
@@ -224,3 +225,39 @@ def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_d
         cast = continued(f"{dtype}-float32", dtype, torch.float32)
         assert all(torch.equal(weights[k], cast[k]) for k in weights), dtype
         assert not all(torch.equal(weights[k], last["model"][k]) for k in weights)  # it trained
+
+
+def test_cuda_runs_float32_matrix_products_in_tf32_unless_no_tf32(monkeypatch):
+    """pick_device turns TF32 on for CUDA (off with tf32=False) and leaves the CPU as it is."""
+    import runtime
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for setting in ((True, False), (False, True)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = setting
+            assert runtime.pick_device("cpu", not setting[0]) == CPU
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == setting
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        for tf32 in (True, False):
+            assert runtime.pick_device("auto", tf32).type == "cuda"
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("main", ["--data", "data/sample", "--dry-run"]),
+    ("bench", []),
+    ("generate", ["--checkpoint", "none.pt"])])
+def test_no_tf32_reaches_the_device_choice(monkeypatch, script, argv):
+    module = __import__(script)
+    seen = []
+
+    def pick(flag, tf32=True):
+        seen.append(tf32)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(module, "pick_device", pick)
+    entry = getattr(module, "main_cli", None) or module.main
+    assert entry(argv) == 2 and entry(argv + ["--no-tf32"]) == 2
+    assert seen == [True, False]
