@@ -8,10 +8,14 @@ the attention memory is full (steady state) and reports the median step:
     python bench.py --emsize 128 --nhid 512 --bptt 128 --batch_size 8 --steps 20 --floor
 
 `--floor` also times a bare implementation of the same computation (plain functions over
-the same parameter tensors, no modules) and prints the model's overhead over it.
+the same parameter tensors, no modules) and prints the model's overhead over it;
+`--also-eval` times evaluation after the training step; `--attention-kernels` times the
+attention product alone with each of PyTorch's attention kernels; `--gpu-check` runs
+gpu_check.py's sequence of these.
 """
 
 import argparse
+import gc
 import math
 import os
 import platform
@@ -19,16 +23,19 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import gpu_check
 from checkpoint import build_model as build_sharnn, model_config
 from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
                    check_seed)
-from model import LN_EPS, gelu, lstm_needs_float32
-from runtime import amp_mode, autocast, make_scaler, out_of_memory, pick_device
+from model import LN_EPS, autocast_dtype, gelu, lstm_dtype
+from runtime import amp_dtype, amp_mode, autocast, make_scaler, out_of_memory, pick_device
 from training import (build_optimizer, check_fits, device_memory, make_step, place_model,
                       train_step)
 
@@ -67,17 +74,29 @@ def build_parser():
                         "memory is full (ceil(mem_len / bptt) + 2)")
     g.add_argument("--eval", action="store_true",
                    help="time evaluation (eval mode, no gradients) instead of training")
+    g.add_argument("--also-eval", action="store_true",
+                   help="after the training step, also time evaluation on a freshly built model "
+                        "(its line comes last; on the CPU its peak memory is the whole "
+                        "process's, training included)")
+    g.add_argument("--attention-kernels", action="store_true",
+                   help="instead of the step, time the attention product alone at the flags' "
+                        "sizes (--batch_size x --heads, --bptt queries over max(--mem-len, "
+                        "--bptt) keys, the model's mask, in --amp's dtype, forward and "
+                        "backward) with each of PyTorch's scaled-dot-product kernels and with "
+                        "two plain matrix products; a kernel that refuses these inputs says why")
     g.add_argument("--floor", action="store_true",
                    help="also time a bare functional implementation of the same step (eager, "
                         "no activation checkpointing) on the same weights and batches, "
                         "interleaved with the model's steps, and print the model's overhead")
     g.add_argument("--seed", type=int, default=PAPER["seed"], help="seed for the weights and the tokens")
     g.add_argument("--gpu-check", action="store_true",
-                   help="the first measurements of a new GPU, in at most 8 minutes: training and "
-                        "evaluation at the paper's sizes (one attention block and every block) in "
-                        "fp16, bf16 and float32, with and without --compile, then a few minutes "
-                        "of training the paper's model on data/sample; prints a Markdown table "
-                        "for the README (gpu_check.py). Needs CUDA")
+                   help="the first measurements of a new GPU, in at most 8 minutes, printed row "
+                        "by row as Markdown for the README (gpu_check.py): training and "
+                        "evaluation at the paper's sizes (one attention block and every block; "
+                        "fp16, bf16 and float32; the attention as SDPA and as two matrix "
+                        "products), the attention kernels, two minutes of training the paper's "
+                        "model on data/sample, then --compile rows in the time left. Needs CUDA; "
+                        "every other flag is ignored")
     # The byte-level model (full softmax, tied decoder) and the paper's LAMB step.
     p.set_defaults(adaptive_softmax=False, cutoffs=None,
                    **{k: PAPER[k] for k in ("optimizer", "lr", "wdecay", "clip", "dropoute", "wdrop")})
@@ -177,8 +196,9 @@ def floor_lstm(P, prefix, x, hidden, training):
         zeros = x.new_zeros(1, x.shape[1], x.shape[2])
         hidden = (zeros, zeros)
     weights = [P[prefix + name] for name in LSTM_WEIGHTS]
-    if lstm_needs_float32(x):
-        with torch.autocast("cpu", enabled=False):
+    amp = autocast_dtype(x.device.type)
+    if amp is not None and lstm_dtype(x.device.type, amp) == torch.float32:
+        with torch.autocast(x.device.type, enabled=False):
             x, hidden = x.float(), tuple(t.float() for t in hidden)
             out, h, c = torch._VF.lstm(x, hidden, weights, True, 1, 0.0, training, False, False)
         return out, (h, c)
@@ -331,9 +351,12 @@ def synchronize(device):
 
 def measure(steps, batches, warmup, device):
     """Run every named step function on the same batches, the first `warmup` untimed; the
-    functions alternate order from batch to batch. Returns {name: [seconds per step]}."""
+    functions alternate order from batch to batch. Returns ({name: [seconds per timed
+    step]}, {name: seconds of its warm-up steps}); under --compile the warm-up holds the
+    compilation."""
     names = list(steps)
     times = {name: [] for name in names}
+    warm = {name: 0.0 for name in names}
     for i, (x, y) in enumerate(batches):
         for name in names if i % 2 == 0 else names[::-1]:
             synchronize(device)
@@ -342,7 +365,9 @@ def measure(steps, batches, warmup, device):
             synchronize(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return times
+            else:
+                warm[name] += time.perf_counter() - start
+    return times, warm
 
 
 def peak_memory_mb(device):
@@ -419,17 +444,35 @@ def summary(times):
             f"{1000 * max(times):,.1f} ms")
 
 
-def timed(args, quiet=False):
-    """Build the model of the flags, warm up, time its steps; returns (times {name: [seconds
-    per step]}, device). Prints the header unless `quiet`."""
-    check_args(args)
-    device = pick_device(args.device)
+@dataclass
+class Timing:
+    """What `timed` measured."""
+    times: dict         # {name: [seconds per timed step]}
+    warm: dict          # {name: seconds of its warm-up steps}
+    warmup: int         # warm-up steps
+    lstm: torch.dtype   # the dtype of the model's LSTM outputs, seen at its first step
+    device: torch.device
+
+
+def start_device(args):
+    """The device of the flags, with --threads, and (CUDA) its memory freed and its peak
+    memory count restarted."""
+    device = pick_device(args.device, not args.no_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     if device.type == "cuda":
+        gc.collect()  # a compiled model of an earlier measurement is held in a cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def timed(args, quiet=False):
+    """Build the model of the flags, warm up, time its steps; returns a Timing. Prints the
+    header unless `quiet`."""
+    check_args(args)
+    device = start_device(args)
+    torch.manual_seed(args.seed)
     check_fits(model_config(args, args.ntoken), args.bptt, args.batch_size, device)
     model = build_model(args, device)
     warmup = warmup_steps(args, model)
@@ -438,22 +481,35 @@ def timed(args, quiet=False):
     steps = step_functions(args, model, device)
     if not quiet:
         print("\n".join(header(args, model, device, warmup)), flush=True)
-    return measure(steps, batches, warmup, device), device
+    lstm = []
+    hook = model.blocks[0].rnn.register_forward_hook(lambda m, i, out: lstm.append(out[0].dtype))
+    times, warm = measure(steps, batches, warmup, device)
+    hook.remove()
+    return Timing(times, warm, warmup, lstm[0], device)
 
 
 def run(args):
-    """Build, print the header, warm up, time, print the results."""
+    """Build, print the header, warm up, time, print the results (or the attention
+    kernels', or the GPU check's)."""
     if args.gpu_check:
-        import gpu_check
-        gpu_check.run(args)
+        gpu_check.run()
         return
-    times, device = timed(args)
-    report(args, times, device)
+    if args.attention_kernels:
+        check_args(args)
+        print("\n".join(attention_kernels(args, start_device(args))), flush=True)
+        return
+    report(args, timed(args))
+    if args.also_eval and not args.eval:
+        evaluation = argparse.Namespace(**dict(vars(args), eval=True))
+        report(evaluation, timed(evaluation, quiet=True))
 
 
-def report(args, times, device):
+def report(args, timing):
     """Print the timings; the last line is `train: ...` (or `eval: ...`)."""
+    times, device = timing.times, timing.device
     median = statistics.median(times["model"])
+    print(f"LSTM output: {str(timing.lstm).replace('torch.', '')}")
+    print(f"warm-up: {timing.warmup} steps in {timing.warm['model']:,.1f} s")
     print(f"model step min / median / max: {summary(times['model'])}")
     if max(times["model"]) > 2 * min(times["model"]):
         print("note: step times vary more than 2x; the machine is busy or throttled "
@@ -468,7 +524,70 @@ def report(args, times, device):
               f"step run beside it on the same batch, so that a change in machine load cancels)")
     tokens = args.bptt * args.batch_size / median
     print(f"{'eval' if args.eval else 'train'}: {1000 * median:,.1f} ms/batch, "
-          f"{tokens:,.0f} tokens/s, peak {peak_memory_mb(device):,.0f} MB")
+          f"{tokens:,.0f} tokens/s, peak {peak_memory_mb(device):,.0f} MB", flush=True)
+
+
+# --- the attention product alone ---------------------------------------------------------
+
+KERNELS = (("sdpa, PyTorch's choice", None), ("sdpa flash", SDPBackend.FLASH_ATTENTION),
+           ("sdpa memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+           ("sdpa cuDNN", SDPBackend.CUDNN_ATTENTION), ("sdpa math", SDPBackend.MATH))
+KERNEL_STEPS = 5  # timed forward and backward passes per kernel, after one untimed
+
+
+def attention_kernels(args, device):
+    """The lines of --attention-kernels: the attention product of the model at the flags'
+    sizes, forward and backward, timed with each scaled-dot-product kernel (or why it
+    refuses these inputs) and as two plain matrix products around a softmax."""
+    B, H, T = args.batch_size, args.heads, args.bptt
+    S, D = max(args.mem_len, T), args.emsize // H
+    dtype = amp_dtype(device, args.amp) or torch.float32
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def tensor(n):  # laid out as the model's: [n, B, E] viewed as [B, H, n, D]
+        return (torch.randn(n, B, H, D, generator=gen).to(device, dtype).permute(1, 2, 0, 3)
+                .requires_grad_())
+
+    q, k, v = tensor(T), tensor(S), tensor(S)
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # [T, S]
+
+    def matmuls():
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)  # [B, H, T, S]
+        return torch.matmul(F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
+
+    def sdpa(backend):
+        if backend is None:
+            return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return run
+
+    lines = [f"attention product: batch {B}, {H} head(s) of width {D}, {T:,} queries over "
+             f"{S:,} keys, the model's mask, {str(dtype).replace('torch.', '')}, forward and "
+             f"backward, median of {KERNEL_STEPS} on {device.type}"]
+    for name, fn in [(name, sdpa(backend)) for name, backend in KERNELS] + [("two matmuls", matmuls)]:
+        lines.append(f"{name}: {time_attention(fn, device)}")
+    return lines
+
+
+def time_attention(fn, device):
+    """'N.N ms', the median forward and backward of `fn`, or 'refused (why)'."""
+    times = []
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for i in range(KERNEL_STEPS + 1):
+                synchronize(device)
+                start = time.perf_counter()
+                fn().sum().backward()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+    except RuntimeError as e:
+        why = [str(w.message) for w in said] + [str(e)]
+        return "refused (" + " ".join(why[0].split())[:150] + ")"
+    return f"{1000 * statistics.median(times[1:]):,.2f} ms"
 
 
 def step_functions(args, model, device):

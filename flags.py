@@ -165,15 +165,27 @@ def add_threads_flag(g):
                         "counts on but cannot get can slow every step many times over")
 
 
+def add_tf32_flag(g):
+    """--no-tf32 (main.py, bench.py, generate.py)."""
+    g.add_argument("--no-tf32", action="store_true",
+                   help="on CUDA, compute float32 matrix products and cuDNN's LSTMs in full "
+                        "float32 instead of TF32 (float32's range with a 10-bit mantissa, "
+                        "several times faster on Ampere and later GPUs; on by default); no "
+                        "effect on the CPU")
+
+
 def add_device_flags(g):
     """Where and how the step runs (main.py and bench.py)."""
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when present")
     add_threads_flag(g)
+    add_tf32_flag(g)
     g.add_argument("--amp", choices=("auto", "fp16", "bf16", "none"), default="auto",
                    help="mixed precision: fp16 with dynamic loss scaling (like the original's "
                         "apex O1), bf16, or none (float32); auto is fp16 on CUDA and none on "
-                        "the CPU. On the CPU fp16 runs the LSTMs in float32 (no CPU kernel)")
+                        "the CPU. The LSTMs run in float32 under fp16 on the CPU (no CPU "
+                        "kernel) and under bf16 on CUDA (whose autocast would run them in "
+                        "float16)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the attention and feed-forward parts (LSTMs stay eager)")
     g.add_argument("--checkpoint-activations", action="store_true",

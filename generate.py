@@ -21,7 +21,7 @@ import torch
 
 from data import decode_tokens, is_byte_vocabulary
 from checkpoint import load_checkpoint, model_from_checkpoint
-from flags import InputError, Parser, add_threads_flag, check_seed
+from flags import InputError, Parser, add_tf32_flag, add_threads_flag, check_seed
 from runtime import autocast, pick_device
 from tokens import EOS, NEWLINE, UNK
 from utils import drop_stdout
@@ -54,9 +54,11 @@ def build_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto picks CUDA when present")
     add_threads_flag(p)
+    add_tf32_flag(p)
     p.add_argument("--amp", choices=("fp16", "bf16", "none"), default="none",
                    help="mixed precision for the model's forward passes, on CUDA or the CPU "
-                        "(default none: float32); on the CPU fp16 runs the LSTMs in float32")
+                        "(default none: float32); the LSTMs run in float32 under fp16 on the CPU "
+                        "and under bf16 on CUDA")
     return p
 
 
@@ -247,7 +249,7 @@ def load_model(path, device):
 def run(args):
     """Load the checkpoint, read and tokenise the prime, stream the sample; the exit code."""
     check_args(args)
-    device = pick_device(args.device)
+    device = pick_device(args.device, not args.no_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vocab = load_model(args.checkpoint, device)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import budget
@@ -40,8 +39,8 @@ from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, eval_batch_size, l
                    resolve_flags, settings_line)
 from runtime import Dist, Stop, agree, amp_mode, leave, pick_device, setup_distributed
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
-                      check_fits, device_data, evaluate, lr_at, make_step, place_model, plan_run,
-                      sample_seq_len, train_step)
+                      check_fits, device_data, distributed, evaluate, lr_at, make_step,
+                      place_model, plan_run, sample_seq_len, train_step)
 from utils import LOG2, RunLog, append_json_line, environment, safe_exp, write_json
 
 
@@ -321,8 +320,8 @@ def test(run, progress):
 
 def report_dynamic(run, source, bsz, name, steps=0):
     args = run.args
-    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt,
-                               run.step.autocast(), args.dyn_lr, args.dyn_decay, args.dyn_eps,
+    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt, args.amp,
+                               args.dyn_lr, args.dyn_decay, args.dyn_eps,
                                args.dyn_stat_batches, max_batches=run.limits.eval_batches)
     report(run, "dynamic eval", name, loss, source)
     run.log.metrics(type=f"dynamic_{name}", step=steps, loss=loss, bpc=loss / LOG2, time=time.time())
@@ -379,9 +378,7 @@ def setup(args, d, device, start, paths, stop, sources, started):
     progress = ckpt.progress_from(start, args, d, device, splits[0].shape[0])
     if not args.continue_from:
         progress.best_val = ckpt.best_to_beat(start, args, paths["save"], corpus.fingerprint)
-    net = model if d.world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=config["cutoffs"] is not None)
+    net = distributed(model, device) if d.world > 1 else None
     step = make_step(model, args, device, progress.optimizer_name, net)
     if args.continue_from:
         ckpt.restore_training(step, rng, start, d)
@@ -513,7 +510,7 @@ def main(argv=None):
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
-            d, device = setup_distributed(pick_device(args.device))
+            d, device = setup_distributed(pick_device(args.device, not args.no_tf32))
             lock = claim_outputs(args, paths, start, d, device, tmp)
             run, progress = setup(args, d, device, start, paths, stop, sources, started)
             try:

@@ -115,13 +115,18 @@ class Block(nn.Module):
         self.checkpoint_activations = False
 
     def recurrent(self, h, hidden):
-        """The LSTM, with DropConnect on its hidden-to-hidden weights while training
-        (`wdrop`, from AWD-LSTM): a fresh mask each call, applied functionally so the
-        optimizer keeps stepping the real parameter and the fused kernel still runs."""
-        if lstm_needs_float32(h):
-            with torch.autocast("cpu", enabled=False):
-                hidden = None if hidden is None else tuple(t.float() for t in hidden)
+        """The LSTM in the dtype of lstm_dtype (under autocast where autocast computes it in
+        that dtype, else with autocast off), the carried state cast to it; with DropConnect
+        on its hidden-to-hidden weights while training (`wdrop`, from AWD-LSTM): a fresh
+        mask each call, applied functionally so the optimizer keeps stepping the real
+        parameter and the fused kernel still runs."""
+        device = h.device.type
+        amp = autocast_dtype(device)
+        if amp is not None and lstm_dtype(device, amp) == torch.float32:
+            with torch.autocast(device, enabled=False):
                 return self.recurrent(h.float(), hidden)
+        if amp is None and hidden is not None:  # a state carried in another precision
+            hidden = tuple(t.to(h.dtype) for t in hidden)
         if self.training and self.wdrop > 0:
             w_hh = F.dropout(self.rnn.weight_hh_l0, p=self.wdrop, training=True)
             with warnings.catch_warnings():  # cuDNN warns that the weights are not one block
@@ -150,7 +155,7 @@ class Block(nn.Module):
         new_mem = None
         if self.attn is not None:
             mh, h = self.lnmem(h), self.lnmid(h)
-            big = mh if mem is None else torch.cat([mem, mh], dim=0)  # [m + T, B, E]
+            big = mh if mem is None else torch.cat([mem.to(mh.dtype), mh], dim=0)  # [m + T, B, E]
             if mem_len > 0:
                 new_mem = big[max(big.shape[0] - mem_len, 0):]
             h = h + self._maybe_checkpoint(self.mix, h, big, mask)
@@ -158,11 +163,29 @@ class Block(nn.Module):
         return h, new_hidden, new_mem
 
 
-def lstm_needs_float32(x):
-    """True under float16 autocast on the CPU, which has no float16 LSTM kernel: the LSTMs
-    then run in float32."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.float16)
+def autocast_dtype(device_type):
+    """The dtype autocast computes in on `device_type` ("cpu", "cuda"), or None when off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def lstm_dtype(device_type, amp):
+    """The dtype the LSTMs compute in on `device_type` under autocast to `amp` (None: no
+    autocast): the one place that decides it.
+
+    | device | no autocast | float16 | bfloat16 |
+    |---|---|---|---|
+    | cpu | float32 | float32 (the CPU has no float16 LSTM kernel) | bfloat16 |
+    | cuda | float32 | float16 (under the loss scaler) | float32 |
+
+    On CUDA under bf16, float32: autocast would run the cuDNN LSTM in float16 whatever its
+    dtype (PyTorch's autocast wrapper of _cudnn_rnn casts to half), and bf16 has no loss
+    scaler to keep small gradients in float16's range. Where this says float32 under
+    autocast, Block.recurrent runs the LSTM with autocast off."""
+    if amp is None:
+        return torch.float32
+    if device_type == "cpu":
+        return torch.float32 if amp == torch.float16 else amp
+    return torch.float16 if amp == torch.float16 else torch.float32
 
 
 def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts, names=None):

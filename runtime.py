@@ -13,11 +13,17 @@ from flags import InputError, launched_rank
 
 # --- device and precision ----------------------------------------------------------------
 
-def pick_device(flag):
+def pick_device(flag, tf32=True):
+    """The device of --device; on CUDA, float32 matrix products and cuDNN (the LSTMs) run in
+    TF32 unless `tf32` is False (--no-tf32). The CPU's settings are left as they are."""
     if flag == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
-    return torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
-                        else "cpu")
+    device = torch.device("cuda" if flag == "cuda" or (flag == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return device
 
 
 def out_of_memory(error):
@@ -41,8 +47,8 @@ def amp_dtype(device, amp):
 
 def autocast(device, amp):
     """Mixed precision (CUDA or CPU autocast) in the dtype of --amp; a no-op for float32.
-    Under autocast the attention's query path and the loss stay float32 (model.py), and on
-    the CPU an fp16 LSTM runs in float32 (no CPU kernel)."""
+    Under autocast the attention's query path and the loss stay float32 (model.py), and the
+    LSTMs run in the dtype of model.lstm_dtype."""
     dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 

@@ -2,11 +2,14 @@
 # Set up this clone's virtual environment, .venv, with PyTorch and REQUIREMENTS, once:
 #   sh setup.sh requirements.txt        (make demo runs this)
 #   sh setup.sh requirements-dev.txt    (make test runs this)
-# A second call with unchanged requirements reuses .venv and says so. PyTorch: a wheel
-# already on this machine when pip finds one, else the CUDA build where an NVIDIA GPU
-# answers (nvidia-smi), else the CPU build. Settings: PYTHON (default python3), TORCH
-# (the torch version, default 2.13.0). Failures are one line; pip's own output goes to
-# .venv/setup.log.
+# A second call with unchanged requirements reuses .venv and says so. PyTorch: the one
+# PYTHON already has, whatever its version (.venv then sees PYTHON's packages: no download,
+# none at all when they meet the requirements, as on a GPU machine without network), else a
+# wheel already on this machine when pip finds one, else the CUDA build where an NVIDIA GPU
+# answers (nvidia-smi), else the CPU build. When an NVIDIA GPU answers but torch cannot use
+# it (a driver older than its CUDA build needs, or a CPU build), one line says so: runs
+# would train on the CPU. Settings: PYTHON (default python3), TORCH (the torch version,
+# default 2.13.0). Failures are one line; pip's own output goes to .venv/setup.log.
 set -eu
 
 requirements=${1:?usage: sh setup.sh REQUIREMENTS_FILE}
@@ -30,16 +33,37 @@ recent=$("$python" -c 'import sys; print(sys.version_info >= (3, 10))' 2>&1) ||
 stamp_of() {  # what marks a requirements file as installed, with this torch
     echo "$venv/.ready-$(basename "$1" .txt)-$(cat requirements.txt "$1" | cksum | cut -d' ' -f1)-$torch_version"
 }
+gpu_unused() {  # one line when an NVIDIA GPU answers but .venv's torch cannot use it
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 &&
+        ! "$venv/bin/python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+        driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+        build=$("$venv/bin/python" -c 'import torch; print(torch.__version__, "built for CUDA", torch.version.cuda)' 2>/dev/null)
+        echo "setup: an NVIDIA GPU answers (driver ${driver:-unknown}) but torch $build cannot use it (a driver too old for that CUDA, or a CPU build): runs would train on the CPU" >&2
+    fi
+}
+
 stamp=$(stamp_of "$requirements")
 if [ -f "$stamp" ]; then
     echo "setup: reusing the environment in $venv ($requirements installed; delete $venv to set it up again)"
+    gpu_unused
     exit 0
 fi
 
 if [ ! -x "$venv/bin/python" ]; then
     [ -w . ] || fail "cannot create $venv: $(pwd) is not writable (clone the project where you can write)"
     echo "setup: creating $venv with $("$python" -V 2>&1)"
-    "$python" -m venv "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
+    if torch_site=$("$python" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' 2>/dev/null); then
+        # .venv sees the packages beside PYTHON's torch, pip among them: a pip of its own
+        # (and, before Python 3.12, its setuptools) would hide theirs
+        "$python" -m venv --without-pip "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
+        site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        echo "$torch_site" >"$site/reuse-torch.pth"
+        echo "setup: reusing torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') and the packages beside it in $torch_site"
+        "$venv/bin/python" -m pip --version >/dev/null 2>&1 || "$venv/bin/python" -m ensurepip >/dev/null 2>&1 ||
+            fail "no pip for $venv: $torch_site has none, and ensurepip failed"
+    else
+        "$python" -m venv "$venv" || fail "could not create $venv (on Debian or Ubuntu: apt install python3-venv)"
+    fi
 fi
 log=$venv/setup.log
 if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then  # e.g. its creation was interrupted
@@ -73,3 +97,4 @@ if grep -qx -- "-r requirements.txt" "$requirements"; then
     touch "$(stamp_of requirements.txt)"  # installed with it
 fi
 echo "setup: $venv is ready"
+gpu_unused

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from data import batchify, get_batch
 from flags import DRY_RUN, MIN_TRUST, TEST_BATCH_SIZE, InputError, eval_batch_size
@@ -227,11 +228,37 @@ def averaged_weights(model, optimizer):
 
 # --- one training step -------------------------------------------------------------------
 
+class WithLoss(torch.nn.Module):
+    """The model's forward and its per-token loss as one forward. Under torchrun the DDP
+    wrapper wraps this, so that every parameter the loss uses (the adaptive softmax's
+    clusters) is used inside the forward DDP sees: find_unused_parameters, which the
+    adaptive softmax needs, otherwise marks those as unused and fails at the first
+    backward ("Expected to mark a variable ready only once")."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, hidden=None, mems=None):
+        # x, y: [T, B] token ids
+        output, hidden, mems = self.model(x, hidden, mems)  # output: [T, B, E]
+        return self.model.loss(output, y), hidden, mems      # loss: [T * B], float32
+
+
+def distributed(model, device):
+    """The DDP wrapper of `model` and its loss (WithLoss) that a torchrun rank trains with;
+    unused parameters are looked for only with the adaptive softmax, whose clusters without
+    targets in a batch get no gradient."""
+    return DistributedDataParallel(WithLoss(model),
+                                   device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=model.adaptive is not None)
+
+
 @dataclass
 class Step:
     """Everything one training step works with; main.py and bench.py build it alike."""
-    model: torch.nn.Module      # the SHARNN (its loss)
-    net: torch.nn.Module        # what runs the forward: the model, or its DDP wrapper
+    model: torch.nn.Module      # the SHARNN
+    net: torch.nn.Module        # what runs the forward and the loss: WithLoss, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     clip: float                 # --clip; 0: no clipping
@@ -248,11 +275,11 @@ class Step:
 
 def make_step(model, args, device, optimizer_name=None, net=None):
     """The Step of the flags (--optimizer unless `optimizer_name`, --lr, --wdecay, --clip,
-    --amp) for a model on `device`; `net` is its DDP wrapper under torchrun."""
+    --amp) for a model on `device`; `net` is its DDP wrapper under torchrun (distributed)."""
     optimizer = build_optimizer(optimizer_name or args.optimizer, model.parameters(), args.lr,
                                 args.wdecay)
-    return Step(model, net or model, optimizer, make_scaler(device, args.amp), args.clip,
-                device, args.amp)
+    return Step(model, net or WithLoss(model), optimizer, make_scaler(device, args.amp),
+                args.clip, device, args.amp)
 
 
 def place_model(model, args, device):
@@ -279,8 +306,8 @@ def train_step(step, x, y, hidden, mems, pending, lr, update):
     an inf or nan is skipped by the scaler. Returns (this batch's loss, hidden, mems,
     pending, the gradient norm before clipping or None), the state detached after a step."""
     with step.autocast():
-        output, hidden, mems = step.net(x, hidden, mems)  # output: [T, B, E]
-        loss = step.model.loss(output, y).mean()           # float32 under autocast too
+        losses, hidden, mems = step.net(x, y, hidden, mems)  # losses: [T * B]
+        loss = losses.mean()                                  # float32 under autocast too
     pending = loss if pending is None else pending + loss
     if not update:
         return loss.detach(), hidden, mems, pending, None

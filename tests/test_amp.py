@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from training import Step, train_step
+from training import Step, WithLoss, train_step
 from conftest import ROOT, SMALL, perturb, run_cli
+from flags import InputError
 from lamb import Lamb
-from model import SHARNN
+import model as model_module
+from model import SHARNN, lstm_dtype
 from runtime import autocast, make_scaler
 
 CPU = torch.device("cpu")
@@ -63,7 +65,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-2, weight_decay=1e-6, min_trust=0.25)
     scaler = make_scaler(CPU, "fp16")
-    run = Step(model, model, optimizer, scaler, 0.25, CPU, "fp16")
+    run = Step(model, WithLoss(model), optimizer, scaler, 0.25, CPU, "fp16")
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
     poison = {"on": False}
     handle = params[3].register_hook(lambda g: g * float("inf") if poison["on"] else g)
@@ -113,6 +115,49 @@ def test_float32_paths_hold_under_autocast():
         loss.mean().backward()
 
 
+def test_the_carried_state_takes_the_precision_of_the_run():
+    """A state carried in any precision continues in the dtypes a run from no state has,
+    under every --amp."""
+    model = tiny_model()
+    x = torch.randint(0, 13, (6, 2))
+    for amp in ("none", "bf16", "fp16"):
+        with autocast(CPU, amp):
+            _, fresh_hidden, fresh_mems = model(x)
+        want = [t.dtype for h in fresh_hidden for t in h] + [m.dtype for m in fresh_mems if m is not None]
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            hidden = [tuple(t.to(dtype) for t in h) for h in fresh_hidden]
+            mems = [None if m is None else m.to(dtype) for m in fresh_mems]
+            with autocast(CPU, amp):
+                _, hidden, mems = model(x, hidden, mems)
+            got = [t.dtype for h in hidden for t in h] + [m.dtype for m in mems if m is not None]
+            assert got == want, (amp, dtype)
+
+
+def test_one_table_decides_the_lstm_dtype():
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    table = {("cpu", None): f32, ("cpu", f16): f32, ("cpu", bf16): bf16,
+             ("cuda", None): f32, ("cuda", f16): f16, ("cuda", bf16): f32}
+    assert {key: lstm_dtype(*key) for key in table} == table
+
+
+def test_where_the_table_says_float32_under_autocast_the_lstm_runs_in_float32(monkeypatch):
+    """The path CUDA bf16 takes (autocast would run the cuDNN LSTM in float16), on the CPU:
+    the LSTMs run in float32 with autocast off, the rest in bf16, and gradients flow."""
+    model = tiny_model()
+    seen = {}
+    model.blocks[0].rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("lstm", o[0].dtype))
+    model.blocks[0].ff.register_forward_hook(lambda m, i, o: seen.__setitem__("ff", o.dtype))
+    x = torch.randint(0, 13, (6, 2))
+    monkeypatch.setattr(model_module, "lstm_dtype", lambda device, amp: torch.float32)
+    with autocast(CPU, "bf16"):
+        out, hidden, _ = model(x)
+        loss = model.loss(out, x).mean()
+    assert seen == {"lstm": torch.float32, "ff": torch.bfloat16}
+    assert hidden[0][0].dtype == torch.float32
+    loss.backward()
+    assert model.blocks[0].rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
 @pytest.mark.slow
 def test_continue_under_fp16_restores_the_loss_scale(corpus_dir, tmp_path):
     """An fp16 run stopped by SIGTERM after its first epoch, once overflows have lowered
@@ -144,3 +189,75 @@ def test_continue_under_fp16_restores_the_loss_scale(corpus_dir, tmp_path):
     assert a["scaler"] == b["scaler"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_dir, tmp_path):
+    """A last checkpoint whose carried LSTM states and memories are in float16 or bfloat16
+    (what a CUDA fp16 or a CPU bf16 run writes) continues under --amp none, and takes the
+    steps of the same state cast to float32."""
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"), *SMALL,
+                           "--epochs", "1")
+    assert code == 0, err
+    last = torch.load(str(tmp_path / "m.last.pt"), weights_only=True)
+    steps = last["progress"]["steps"]
+    torch.manual_seed(0)
+    hidden = [[0.5 * torch.randn(1, 4, 16) for _ in "hc"] for _ in range(2)]
+    mems = [0.5 * torch.randn(20, 4, 16), None]  # attention in block 0 of 2
+
+    def continued(name, *dtypes):
+        """The weights after 5 steps continued from the carry cast to each of `dtypes`."""
+        def cast(t):
+            for dtype in dtypes:
+                t = t.to(dtype)
+            return t
+        path = str(tmp_path / f"{name}.last.pt")
+        carry = {"hidden": [[cast(x) for x in h] for h in hidden],
+                 "mems": [m if m is None else cast(m) for m in mems]}
+        torch.save(dict(last, carry=carry), path)
+        code, _, err = run_cli(capsys, "--continue", path, "--last", path, "--save",
+                               str(tmp_path / f"{name}.pt"), "--amp", "none", "--epochs", "2",
+                               "--max-steps", str(steps + 5))
+        assert code == 0, err
+        return torch.load(path, weights_only=True)["model"]
+
+    for dtype in (torch.float16, torch.bfloat16):
+        weights = continued(str(dtype), dtype)
+        cast = continued(f"{dtype}-float32", dtype, torch.float32)
+        assert all(torch.equal(weights[k], cast[k]) for k in weights), dtype
+        assert not all(torch.equal(weights[k], last["model"][k]) for k in weights)  # it trained
+
+
+def test_cuda_runs_float32_matrix_products_in_tf32_unless_no_tf32(monkeypatch):
+    """pick_device turns TF32 on for CUDA (off with tf32=False) and leaves the CPU as it is."""
+    import runtime
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for setting in ((True, False), (False, True)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = setting
+            assert runtime.pick_device("cpu", not setting[0]) == CPU
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == setting
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        for tf32 in (True, False):
+            assert runtime.pick_device("auto", tf32).type == "cuda"
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32
+            assert torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("main", ["--data", "data/sample", "--dry-run"]),
+    ("bench", []),
+    ("generate", ["--checkpoint", "none.pt"])])
+def test_no_tf32_reaches_the_device_choice(monkeypatch, script, argv):
+    module = __import__(script)
+    seen = []
+
+    def pick(flag, tf32=True):
+        seen.append(tf32)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(module, "pick_device", pick)
+    entry = getattr(module, "main_cli", None) or module.main
+    assert entry(argv) == 2 and entry(argv + ["--no-tf32"]) == 2
+    assert seen == [True, False]

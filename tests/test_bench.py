@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from training import Step, build_optimizer, detach, make_step, train_step
+from training import Step, WithLoss, build_optimizer, detach, make_step, train_step
 from runtime import make_scaler
 from conftest import ROOT
 from lamb import Lamb
@@ -45,7 +45,7 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
     model = tiny_model(sdpa, attn_layers, heads)
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
-    run = Step(model, model, None, make_scaler(CPU, "none"), 0.25, CPU, "none")
+    run = Step(model, WithLoss(model), None, make_scaler(CPU, "none"), 0.25, CPU, "none")
     hidden = mems = floor_hidden = floor_mems = None
     for x, y in batches():
         model.zero_grad(set_to_none=True)
@@ -144,6 +144,27 @@ def test_cli_floor_prints_floor_and_overhead():
     assert any(re.fullmatch(r"floor: [\d,]+\.\d ms/batch", line) for line in lines)
     overhead = [line for line in lines if "overhead" in line]
     assert len(overhead) == 1 and re.fullmatch(r"overhead: [+-]\d+\.\d% \(.+\)", overhead[0])
+
+
+def test_cli_also_eval_prints_the_lstm_dtype_warm_up_and_both_lines():
+    lines = run_bench("--also-eval", "--amp", "bf16")
+    train = [i for i, line in enumerate(lines) if re.fullmatch("train: " + RESULT, line)]
+    assert len(train) == 1 and re.fullmatch("eval: " + RESULT, lines[-1])
+    assert lines.count("LSTM output: bfloat16") == 2  # the CPU's bf16 LSTM (model.lstm_dtype)
+    assert len([line for line in lines if re.fullmatch(r"warm-up: 5 steps in [\d.]+ s", line)]) == 2
+    assert run_bench("--amp", "fp16")[:-1].count("LSTM output: float32") == 1
+
+
+def test_cli_attention_kernels_time_each_kernel_or_say_why_not():
+    lines = run_bench("--attention-kernels")
+    assert lines[0].startswith("attention product: batch 2, 1 head(s) of width 16, 8 queries over "
+                               "20 keys, the model's mask, float32")
+    names = [line.split(": ")[0] for line in lines[1:]]
+    assert names == ["sdpa, PyTorch's choice", "sdpa flash", "sdpa memory-efficient", "sdpa cuDNN",
+                     "sdpa math", "two matmuls"]
+    for line in lines[1:]:
+        assert re.fullmatch(r".+: ([\d.]+ ms|refused \(.+\))", line), line
+    assert re.fullmatch(r"sdpa math: [\d.]+ ms", lines[5]) and "refused" in lines[4]  # no cuDNN here
 
 
 def test_cli_rejects_bad_flags():

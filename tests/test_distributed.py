@@ -161,3 +161,18 @@ def test_a_refused_output_ends_every_rank_at_once(runs):
     # Each worker exits with code 2 itself: none is left waiting for rank 0 until the
     # launcher kills it.
     assert refused.stderr.count("exitcode  : 2") == 2 and "SIGKILL" not in refused.stderr
+
+
+def test_two_ranks_train_and_test_with_the_adaptive_softmax(tmp_path):
+    """A word corpus with the adaptive softmax under torchrun: its loss is computed inside
+    the forward DDP wraps, so that its unused-parameter search sees the softmax's clusters."""
+    folder = tmp_path / "words"
+    folder.mkdir()
+    for name, n in (("train", 600), ("valid", 60), ("test", 60)):
+        words = sentences(n, len(name)).decode().replace(".", " .")
+        (folder / f"{name}.txt").write_text(words)
+    result = torchrun("--data", str(folder), "--save", str(tmp_path / "a.pt"), "--epochs", "1",
+                      *SMALL_NODROP, "--adaptive-softmax", "--cutoffs", "4", "8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| End of training | test loss" in result.stdout
+    assert "adaptive.head.weight" in torch.load(str(tmp_path / "a.pt"), weights_only=True)["model"]

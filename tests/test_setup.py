@@ -1,7 +1,8 @@
 """setup.sh (make demo, make test): one clear line when Python is too old, does not run, or
 the package index is out of reach; an environment left without pip is repaired; a second
-call reuses the environment and says so. (CI's own `make test` on a clean clone is the
-first call, for real.)"""
+call reuses the environment and says so; a torch that PYTHON already has is reused without a
+download, and one line says when an NVIDIA GPU answers but torch cannot use it. (CI's own
+`make test` on a clean clone is the first call, for real.)"""
 
 import os
 import pathlib
@@ -13,6 +14,9 @@ import tempfile
 import pytest
 
 from conftest import ROOT
+
+# A Python without torch: the interpreter this test's virtual environment was made from.
+BARE = os.path.join(sys.base_prefix, "bin", "python3")
 
 
 def clone(tmp_path):
@@ -67,7 +71,7 @@ def test_an_environment_without_pip_gets_pip_again(tmp_path):
 
 def test_a_package_index_out_of_reach_is_one_line(tmp_path):
     folder = clone(tmp_path)
-    result = setup(folder, "requirements.txt", PYTHON=sys.executable, PIP_CONFIG_FILE=os.devnull,
+    result = setup(folder, "requirements.txt", PYTHON=BARE, PIP_CONFIG_FILE=os.devnull,
                    PIP_FIND_LINKS="", PIP_INDEX_URL="http://127.0.0.1:9/simple",
                    PATH="/usr/bin:/bin")  # no nvidia-smi: the CPU build, from its index
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
@@ -77,7 +81,7 @@ def test_a_package_index_out_of_reach_is_one_line(tmp_path):
 
 def test_a_second_call_reuses_the_environment(tmp_path):
     folder = clone(tmp_path)
-    first = setup(folder, "requirements.txt", PYTHON=sys.executable, PIP_CONFIG_FILE=os.devnull,
+    first = setup(folder, "requirements.txt", PYTHON=BARE, PIP_CONFIG_FILE=os.devnull,
                   PIP_FIND_LINKS="", PIP_INDEX_URL="http://127.0.0.1:9/simple", PATH="/usr/bin:/bin")
     assert first.returncode == 1  # no index: nothing is marked ready
     ready = [name for name in os.listdir(folder / ".venv") if name.startswith(".ready-")]
@@ -89,7 +93,7 @@ def test_a_second_call_reuses_the_environment(tmp_path):
     again = setup(folder, "requirements.txt", PYTHON=sys.executable)
     assert again.returncode == 0 and again.stdout.startswith("setup: reusing the environment in .venv")
     (folder / "requirements.txt").write_text("torch>=2.6\nnumpy\n")  # changed: not reused
-    changed = setup(folder, "requirements.txt", PYTHON=sys.executable, PIP_CONFIG_FILE=os.devnull,
+    changed = setup(folder, "requirements.txt", PYTHON=BARE, PIP_CONFIG_FILE=os.devnull,
                     PIP_FIND_LINKS="", PIP_INDEX_URL="http://127.0.0.1:9/simple", PATH="/usr/bin:/bin")
     assert "reusing" not in changed.stdout
 
@@ -128,3 +132,29 @@ def test_a_read_only_clone_is_one_line(ready):
     finally:
         os.chmod(folder, 0o755)
         shutil.rmtree(folder)
+def test_a_python_with_torch_is_reused_without_network_and_an_unusable_gpu_is_one_line(tmp_path):
+    """PYTHON has torch (and the requirements) and the index is out of reach, as on a GPU
+    machine without network: .venv reuses them. A GPU answers (a fake nvidia-smi) that this
+    CPU build cannot use: one line says so, at the first call and at the next."""
+    (tmp_path / "clone").mkdir()
+    folder = clone(tmp_path / "clone")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 470.57.02\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(PYTHON=sys.executable, PIP_CONFIG_FILE=os.devnull, PIP_FIND_LINKS="",
+               PIP_INDEX_URL="http://127.0.0.1:9/simple", PATH=f"{bin_dir}:/usr/bin:/bin")
+    import torch
+    warning = (f"setup: an NVIDIA GPU answers (driver 470.57.02) but torch {torch.__version__} "
+               f"built for CUDA None cannot use it (a driver too old for that CUDA, or a CPU "
+               f"build): runs would train on the CPU\n")
+    first = setup(folder, "requirements.txt", **env)
+    assert first.returncode == 0, first.stderr
+    assert f"setup: reusing torch {torch.__version__}" in first.stdout
+    assert first.stdout.rstrip().endswith("setup: .venv is ready") and first.stderr == warning
+    imports = subprocess.run([str(folder / ".venv" / "bin" / "python"), "-c",
+                              "import torch, numpy, tqdm, safetensors"], capture_output=True, text=True)
+    assert imports.returncode == 0, imports.stderr
+    again = setup(folder, "requirements.txt", **env)
+    assert again.returncode == 0 and again.stdout.startswith("setup: reusing the environment")
+    assert again.stderr == warning

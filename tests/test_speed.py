@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training import Step, train_step
+from training import Step, WithLoss, train_step
 from runtime import Dist, make_scaler
 from conftest import perturb
 from data import batchify, get_batch
@@ -90,7 +90,7 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
     model = tiny()
     params = list(model.parameters())
     optimizer = Lamb(params, lr=1e-3, weight_decay=1e-6, min_trust=0.25)
-    run = Step(model, model, optimizer, make_scaler(torch.device("cpu"), "none"), 0.25,
+    run = Step(model, WithLoss(model), optimizer, make_scaler(torch.device("cpu"), "none"), 0.25,
                torch.device("cpu"), "none")
     hidden = mems = None
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
