@@ -369,14 +369,22 @@ def check_args(args):
 
 # What a run was trained with besides its model: --resume and --eval-only take these from
 # the checkpoint when they are not given (the model flags always come from it).
-RUN_SETTINGS = ("data", "unk", "bptt", "batch_size", "dropout", "dropouth", "dropouti",
-                "dropoute", "wdrop", "wdecay", "optimizer", "lr", "warmup", "clip", "when",
-                "nonmono", "accumulate", "seed", "amp", "log_interval", "max_nonfinite",
-                "save_interval")
+RUN_SETTINGS = ("recipe", "data", "unk", "bptt", "batch_size", "dropout", "dropouth",
+                "dropouti", "dropoute", "wdrop", "wdecay", "optimizer", "lr", "warmup", "clip",
+                "when", "nonmono", "accumulate", "seed", "threads", "amp", "compile",
+                "checkpoint_activations", "log_interval", "max_nonfinite", "save_interval",
+                "dyn_lr", "dyn_decay", "dyn_eps", "dyn_stat_batches")
 # How long it trains: taken from the checkpoint only together, when none of them is given.
 SCHEDULE = ("epochs", "max_steps", "cooldown", "budget")
-SHOWN = ("data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth", "dropouti",
-         "dropoute", "wdrop", "epochs", "max_steps", "cooldown", "budget")  # the start-up's Settings line
+# What a command says about itself rather than about the run: its files, what it does, the
+# machine and the display. --resume and --eval-only never take these from the checkpoint.
+OWN = ("save", "last", "run_dir", "tensorboard", "resume", "continue_from", "eval_only",
+       "dry_run", "overwrite", "allow_changed_data", "dynamic_eval", "device", "no_progress")
+# The start-up's Settings line: the model, then the run; a flag that is off is left out.
+SHOWN = ("recipe", "emsize", "nhid", "nlayers", "attn_layers", "heads", "mem_len",
+         "adaptive_softmax", "data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth",
+         "dropouti", "dropoute", "wdrop", "epochs", "max_steps", "cooldown", "budget", "seed",
+         "threads")
 
 
 def flags_from(start, args, given=()):
@@ -414,9 +422,20 @@ def given_flags(argv):
 
 
 def settings_line(args, sources):
-    """The start-up line of the settings in effect, each with where it came from."""
-    shown = [f"--{k.replace('_', '-') if k != 'batch_size' else k} {getattr(args, k)} "
-             f"[{sources.get(k, 'default')}]" for k in SHOWN]
+    """The start-up line of the settings in effect, each with where it came from. A flag that
+    is off is left out: None, False, and a 0 that is its default; the attention blocks are
+    shown as resolved (block nlayers-2 for the default)."""
+    from model import attention_blocks  # here: flags.py itself needs no torch
+    shown = []
+    for k in SHOWN:
+        value, source = getattr(args, k), sources.get(k, "default")
+        if k == "attn_layers":
+            blocks = attention_blocks(value, args.nlayers)
+            value = ",".join(map(str, blocks)) if blocks else "none"
+        if value is None or value is False or (value == 0 and source == "default"):
+            continue
+        shown.append(f"--{k.replace('_', '-') if k != 'batch_size' else k}"
+                     + ("" if value is True else f" {value}") + f" [{source}]")
     return "Settings: " + ", ".join(shown)
 
 
