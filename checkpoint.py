@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 import modelfolder
 from flags import MODEL_FLAGS, InputError
-from outputs import Output, claim
+from outputs import Output, claim, script_command
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
 from utils import LOG2, atomic_save
@@ -55,8 +55,8 @@ DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000],
 
 def convert_hint(path):
     return (f"only if the file comes from a source you trust, convert it once with "
-            f"python checkpoint.py convert-pickle {path} --trust-this-file (unpickling runs any "
-            f"code the file holds) and pass the state_dict it writes")
+            f"{script_command('checkpoint.py', 'convert-pickle', path, '--trust-this-file')} "
+            f"(unpickling runs any code the file holds) and pass the state_dict it writes")
 
 
 def first_line(e):

@@ -444,7 +444,7 @@ def execute(run, progress, notes):
     if test(run, progress) and ended == "done":
         progress.tested = True
         ckpt.save_last(run, progress)
-    run.log(outputs.outputs_line(run.paths))
+    run.log(outputs.outputs_line(run.paths, best=progress.best_val < float("inf")))
     if progress.best_val < float("inf") and run.paths["kept"]:
         run.log(f"Sample from the best checkpoint: {outputs.sample_command(run.paths)}")
     if ended == "interrupt":

@@ -108,3 +108,85 @@ def test_settings_line_shows_the_model_seed_and_threads_and_hides_what_is_off():
     line = flags.settings_line(args, sources)
     assert "--attn-layers none [given]" in line and "--adaptive-softmax [given]" in line
     assert "--threads" not in line and "--max-steps" not in line  # None: torch's, no limit
+
+
+# --- commands and printed hints that work outside the environment -----------------------
+
+def test_hints_name_the_interpreter_that_ran(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "executable", os.path.join(ROOT, ".venv", "bin", "python"))
+    assert outputs.command(1, "--continue", "m.last.pt") == \
+        ".venv/bin/python -u main.py --continue m.last.pt"
+    assert outputs.sample_command({"save": "a b.pt"}) == \
+        ".venv/bin/python generate.py --checkpoint 'a b.pt' --length 500"
+    assert outputs.command(2, "--continue", "x") == \
+        ".venv/bin/python -m torch.distributed.run --nproc_per_node=2 main.py --continue x"
+    monkeypatch.setattr(sys, "executable", "/opt/py 3/bin/python3")  # outside the clone
+    monkeypatch.chdir(tmp_path)
+    assert outputs.command(1, "--continue", "m.last.pt") == \
+        f"'/opt/py 3/bin/python3' -u {os.path.relpath(os.path.join(ROOT, 'main.py'))} " \
+        f"--continue m.last.pt"
+
+
+@pytest.mark.slow
+def test_the_readme_own_text_commands_run_where_python_is_not_the_venvs(tmp_path):
+    """The README's own-text block, as written, in a shell whose `python` fails; only the
+    file names are pointed at a tiny text, and the run is cut to a few steps. Then the
+    sampling hint the run printed, as printed."""
+    venv = os.path.join(ROOT, ".venv", "bin", "python")
+    if not os.path.exists(venv):
+        pytest.skip("no .venv in this clone (make demo or make test makes it)")
+    block = re.search(r"```bash\n(.*?)```", readme_section("Your own text"), re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(lines) == 3 and all(line.startswith(".venv/bin/python ") for line in lines)
+    (tmp_path / "mybook.txt").write_bytes(b"Once upon a time.\n" * 20 + sentences(700, 4))
+    names = {"mybook.txt": tmp_path / "mybook.txt", "data/mybook": tmp_path / "mybook",
+             "mybook.pt": tmp_path / "mybook.pt"}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "python3"):
+        (bin_dir / name).write_text("#!/bin/sh\necho 'not the environment' >&2\nexit 127\n")
+        (bin_dir / name).chmod(0o755)
+    path = [d for d in os.environ.get("PATH", "").split(os.pathsep)
+            if ".venv" not in d and os.path.dirname(sys.executable) != d]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    env["PATH"] = os.pathsep.join([str(bin_dir), *path])
+
+    def shell(command):
+        result = subprocess.run(["sh", "-c", command], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+        return result.stdout
+
+    assert "not the environment" in subprocess.run(
+        ["sh", "-c", "python -c 1"], env=env, capture_output=True, text=True).stderr
+    outs = []
+    for line in lines:
+        argv = [str(names.get(word, word)) for word in shlex.split(line)]
+        if "main.py" in argv:
+            argv += ["--max-steps", "3", "--no-progress"]
+        if "generate.py" in argv:
+            argv[argv.index("--length") + 1] = "20"
+        outs.append(shell(shlex.join(argv)))
+    hint = line_of(outs[1], "Sample from the best checkpoint: ").split(": ", 1)[1]
+    assert hint.startswith(".venv/bin/python generate.py ")
+    assert shell(hint)
+
+
+def test_a_run_stopped_before_any_validation_names_no_best_checkpoint(
+        corpus_dir, tmp_path, capsys, monkeypatch):
+    real_log_train = main.log_train
+
+    def log_train(*args):
+        real_log_train(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(main, "log_train", log_train)
+    save = tmp_path / "m.pt"
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), *SMALL,
+                             "--log-interval", "2")
+    assert code == 0, err
+    assert "Exiting from training early" in out and not save.exists()
+    assert f"best checkpoint {save}" not in out.split("Exiting from training early")[1]
+    assert (f"Outputs: no best checkpoint (no validation finished), last checkpoint "
+            f"{tmp_path / 'm.last.pt'} (to continue)") in out
