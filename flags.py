@@ -46,7 +46,7 @@ MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
 TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
 OPTIMIZERS = ("lamb", "sgd", "adam", "adamw", "adagrad")
-DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2)  # what --dry-run runs
+DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2, log_interval=1)  # what --dry-run runs
 
 
 # Model flags and the config keys they set (the checkpoint's config).
@@ -285,9 +285,9 @@ def build_parser():
                    help="folder for args.json, env.json, log.txt, metrics.jsonl; None: SAVE with .run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     g.add_argument("--dry-run", action="store_true",
-                   help=f"smoke test: {DRY_RUN['train_batches']} training batches and "
-                        f"{DRY_RUN['eval_batches']} evaluation batches per split, checkpoints in a "
-                        f"temporary folder")
+                   help=f"smoke test: {DRY_RUN['train_batches']} training batches (each "
+                        f"logged) and {DRY_RUN['eval_batches']} evaluation batches per split, "
+                        f"checkpoints in a temporary folder")
     return p
 
 
@@ -485,6 +485,9 @@ def resolve_flags(argv, load_start):
     sources = {k: "checkpoint" for k in saved}
     sources.update({k: f"recipe {args.recipe}" for k in recipe})
     sources.update({k: "given" for k in given})
+    if args.dry_run:
+        args.log_interval = DRY_RUN["log_interval"]
+        sources["log_interval"] = "dry run"
     notes = []
     if args.continue_from:
         check_continue_flags(args, saved)

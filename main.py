@@ -389,6 +389,12 @@ def describe(run, notes):
         run.log(f"Run records in {run.paths['run_dir']} ({run.paths['moved']} holds an earlier run)")
     if not args.eval_only:
         run.log(outputs.outputs_line(run.paths))
+    if args.dry_run:
+        limits = run.limits
+        run.log(f"Dry run: {limits.train_batches} training batches of up to {args.bptt} x "
+                f"{args.batch_size} tokens, each logged when done, then {limits.eval_batches} "
+                f"chunks of each evaluation split" if not args.eval_only else
+                f"Dry run: {limits.eval_batches} chunks of each evaluation split")
 
 
 def finished(run, progress):
@@ -431,12 +437,15 @@ def execute(run, progress, notes):
         run.log(f"error: {e}")
         ckpt.save_last(run, progress)
         return 1
-    resume = outputs.command(run.d.world, "--continue", run.paths["last"])
+    resume = (outputs.command(run.d.world, "--continue", run.paths["last"]) if run.paths["kept"]
+              else None)  # a dry run's checkpoints go with its temporary folder
     if ended == "records":
         raise InputError(f"{run.log.failure}; training stopped at step {progress.steps} with the "
-                         f"last checkpoint written: free some space, then continue with {resume}")
+                         f"last checkpoint written: free some space, then "
+                         + (f"continue with {resume}" if resume else "run the dry run again"))
     if ended == "terminate":
-        run.log(f"Stopped by SIGTERM; continue with: {resume}")
+        run.log(f"Stopped by SIGTERM; continue with: {resume}" if resume else
+                "Stopped by SIGTERM; a dry run keeps nothing to continue")
         return 0
     if ended == "interrupt":
         run.log("-" * 89)
@@ -448,7 +457,8 @@ def execute(run, progress, notes):
     if progress.best_val < float("inf") and run.paths["kept"]:
         run.log(f"Sample from the best checkpoint: {outputs.sample_command(run.paths)}")
     if ended == "interrupt":
-        run.log(f"Stopped by Ctrl-C; continue with: {resume}")
+        run.log(f"Stopped by Ctrl-C; continue with: {resume}" if resume else
+                "Stopped by Ctrl-C; a dry run keeps nothing to continue")
     if run.log.failure:
         raise InputError(f"{run.log.failure}; the checkpoints are written")
     return 0

@@ -190,3 +190,32 @@ def test_a_run_stopped_before_any_validation_names_no_best_checkpoint(
     assert f"best checkpoint {save}" not in out.split("Exiting from training early")[1]
     assert (f"Outputs: no best checkpoint (no validation finished), last checkpoint "
             f"{tmp_path / 'm.last.pt'} (to continue)") in out
+
+
+# --- dry runs ----------------------------------------------------------------------------
+
+def test_a_dry_run_logs_each_batch_and_a_stopped_one_prints_no_continue_command(
+        corpus_dir, tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
+                             "--dry-run", *SMALL)
+    assert code == 0, err
+    assert "Dry run: 3 training batches of up to 16 x 4 tokens" in out
+    assert re.findall(r"\| epoch   1 \| +(\d+)/", out) == ["1", "2", "3"]  # --log-interval 50 given
+    folders = []
+    real_mkdtemp, real_log_train = main.tempfile.mkdtemp, main.log_train
+
+    def mkdtemp(**kwargs):
+        folders.append(real_mkdtemp(**kwargs))
+        return folders[-1]
+
+    def log_train(*args):
+        real_log_train(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(main.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(main, "log_train", log_train)
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
+                             "--dry-run", *SMALL)
+    assert code == 0, err
+    assert out.splitlines()[-1] == "Stopped by SIGTERM; a dry run keeps nothing to continue"
+    assert "--continue" not in out and len(folders) == 1 and not os.path.exists(folders[0])
