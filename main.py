@@ -61,6 +61,7 @@ class Run:
     fingerprint: dict  # {split: SHA-256} of the corpus, kept in checkpoints
     sources: dict = None  # {flag: where its value came from}, for the Settings line
     budget_note: str = None  # what --budget measured and chose
+    unit: str = "bpc"  # the log's bits: "bpc" per character (bytes), "bpt" per token (words)
 
     @property
     def model(self):
@@ -142,7 +143,7 @@ def log_train(run, progress, interval, batches, lr):
     loss, nonfinite = interval["loss"], interval["nonfinite"]
     run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
             f"lr {lr:05.5f} | ms/batch {interval['ms_per_batch']:5.2f} | loss {loss:5.2f} | "
-            f"ppl {safe_exp(loss):8.2f} | bpc {loss / LOG2:8.3f}"
+            f"ppl {safe_exp(loss):8.2f} | {run.unit} {loss / LOG2:8.3f}"
             + (f" | non-finite losses {nonfinite}" if nonfinite else ""))
     run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
                     batch=progress.batch, tokens=progress.tokens, lr=lr, bpc=loss / LOG2,
@@ -180,7 +181,8 @@ def validate(run, progress):
         run.log("-" * 89)
         run.log(f"| end of epoch {progress.epoch + 1:3d} | time: {progress.epoch_time:5.2f}s | "
                 f"valid loss {val_loss:5.2f} | valid ppl {safe_exp(val_loss):8.2f} | "
-                f"valid bpc {val_loss / LOG2:8.3f}" + run.limits.note(run.val_data, run.args.bptt))
+                f"valid {run.unit} {val_loss / LOG2:8.3f}"
+                + run.limits.note(run.val_data, run.args.bptt))
         run.log("-" * 89)
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
@@ -236,9 +238,9 @@ def train(run, progress):
 # --- testing -----------------------------------------------------------------------------
 
 def report(run, kind, name, loss, source):
-    """One result line: loss, perplexity and bits per character of `source`."""
+    """One result line: loss, perplexity and bits per token (character) of `source`."""
     run.log(f"| {kind} | {name} loss {loss:5.2f} | {name} ppl {safe_exp(loss):8.2f} | "
-            f"{name} bpc {loss / LOG2:8.3f}" + run.limits.note(source, run.args.bptt))
+            f"{name} {run.unit} {loss / LOG2:8.3f}" + run.limits.note(source, run.args.bptt))
 
 
 def test(run, progress):
@@ -339,7 +341,8 @@ def setup(args, d, device, start, paths, stop, sources, started):
     run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
-              fingerprint=corpus.fingerprint, sources=sources)
+              fingerprint=corpus.fingerprint, sources=sources,
+              unit="bpc" if corpus.byte_level else "bpt")
     if args.budget and not args.continue_from:
         run.budget_note = budget.apply(run, started, eval_batch_size(args), TEST_BATCH_SIZE,
                                        BUDGET_RULES[args.recipe], sources)

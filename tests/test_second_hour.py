@@ -219,3 +219,62 @@ def test_a_dry_run_logs_each_batch_and_a_stopped_one_prints_no_continue_command(
     assert code == 0, err
     assert out.splitlines()[-1] == "Stopped by SIGTERM; a dry run keeps nothing to continue"
     assert "--continue" not in out and len(folders) == 1 and not os.path.exists(folders[0])
+
+
+# --- word-level corpora --------------------------------------------------------------------
+
+def test_a_word_corpus_from_own_text_reports_bits_per_token(tmp_path, capsys):
+    text = sentences(900, 5)
+    (tmp_path / "book.txt").write_bytes(text)
+    out_dir = tmp_path / "words"
+    assert prepare.main(["text", "--words", str(tmp_path / "book.txt"), str(out_dir)]) == 0
+    printed = capsys.readouterr().out
+    parts = {split: (out_dir / f"{split}.txt").read_bytes() for split in ("train", "valid", "test")}
+    assert parts["train"] + parts["valid"] + parts["test"] == text  # copied, in order
+    assert all(part.endswith(b"\n") for part in parts.values())  # cut at line starts
+    held = len(text) * 0.05
+    assert held <= len(parts["test"]) < held + 100 and held <= len(parts["valid"]) < held + 100
+    assert not list(out_dir.glob("*.raw"))
+    assert "--unk" not in printed and f"--data {out_dir}" in line_of(printed, "Next: ")
+    code, out, err = run_cli(capsys, "--data", str(out_dir), "--save", str(tmp_path / "w.pt"),
+                             "--dry-run", *SMALL)
+    assert code == 0, err
+    results = [line for line in out.splitlines() if line.startswith("| ")]
+    assert any(re.search(r"\| valid bpt +[\d.]+", line) for line in results)
+    assert any(re.search(r"\| test bpt +[\d.]+", line) for line in results)
+    assert any(re.search(r"\| ppl +[\d.]+ \| bpt +[\d.]+", line) for line in results)
+    assert not any("bpc" in line for line in results)
+
+
+def test_a_byte_corpus_keeps_the_originals_bpc(corpus_dir, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
+                             "--dry-run", *SMALL)
+    assert code == 0, err
+    assert re.search(r"\| valid ppl +[\d.]+ \| valid bpc +[\d.]+", out)
+    assert re.search(r"\| test ppl +[\d.]+ \| test bpc +[\d.]+", out)
+    assert re.search(r"\| ppl +[\d.]+ \| bpc +[\d.]+", out) and not re.search(r"\bbpt\b", out)
+
+
+def test_word_mode_counts_words_train_lacks_and_refuses_what_is_not_text(tmp_path, capsys):
+    for name, words in (("a", ["red", "fox"]), ("b", ["red", "owl"]), ("c", ["fox", "emu"])):
+        (tmp_path / name).write_bytes(sentences(30, 1, words=words))
+    assert prepare.main(["text", "--words", "--train", str(tmp_path / "a"), "--valid",
+                         str(tmp_path / "b"), "--test", str(tmp_path / "c"),
+                         str(tmp_path / "w")]) == 0
+    printed = capsys.readouterr().out
+    train = set((tmp_path / "a").read_text().split())  # "red", "fox", "red." and "fox."
+    held = (tmp_path / "b").read_text().split() + (tmp_path / "c").read_text().split()
+    unseen = sum(word not in train for word in held)
+    assert unseen == sum(word.strip(".") in ("owl", "emu") for word in held) > 0
+    assert f"valid and test hold {unseen:,} tokens that train never has" in printed
+    assert line_of(printed, "Next: ").endswith("--unk")
+    (tmp_path / "bin").write_bytes(b"\xff\xfe" * 500)
+    assert prepare.main(["text", "--words", str(tmp_path / "bin"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err and not (tmp_path / "x").exists()
+
+
+def test_the_readme_describes_the_word_format_and_the_raw_copies():
+    section = readme_section("Your own text")
+    assert "prepare.py text --words" in section and "`<eos>`" in section and "`bpt`" in section
+    assert "train.txt.raw" in section and "nothing reads the `.raw` copies" in section
