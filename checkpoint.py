@@ -26,7 +26,6 @@ check_fields lists the types; a model folder (modelfolder.py) holds the same fie
 best checkpoint as model.safetensors and config.json.
 """
 
-import argparse
 import os
 import pickle
 import re
@@ -39,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import MODEL_FLAGS, InputError
+from flags import MODEL_FLAGS, InputError, Parser
 from outputs import Output, claim, script_command
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
@@ -530,7 +529,7 @@ def convert_pickle(path, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint tools.")
+    parser = Parser(prog="checkpoint.py", description="Checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     conv = commands.add_parser(
         "convert-pickle", help="turn a pickled model file into a state_dict (trusted files only)",

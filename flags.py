@@ -67,7 +67,11 @@ class InputError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage dump; under torchrun
-    only rank 0 prints it, so the line appears once."""
+    only rank 0 prints it, so the line appears once. A flag must be spelled in full: an
+    abbreviation (--epoch for --epochs) is an error, not a guess."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)

@@ -14,7 +14,6 @@ ending in an end-of-line token when read. docs/model.md (Corpus and vocabulary) 
 splits of each dataset.
 """
 
-import argparse
 import sys
 import tarfile
 import zipfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data import SPLITS, split_files
-from flags import InputError
+from flags import InputError, Parser
 from outputs import Output, claim, script_command
 from tokens import NEWLINE
 from utils import atomic_write
@@ -306,7 +305,7 @@ ARCHIVES = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="prepare.py", description="Write a corpus folder (train.txt, valid.txt, test.txt) "
                                        "from your own files or a downloaded archive.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
