@@ -25,6 +25,7 @@ import torch
 
 import bench
 from flags import PAPER, InputError, budget_seconds
+from outputs import script_command
 
 DEADLINE = 8 * 60           # seconds for the whole check
 TRAIN_BUDGET = "150s"       # main.py --budget of the training run
@@ -150,5 +151,9 @@ def check(device="cuda", sizes=PAPER_SIZES, budget=TRAIN_BUDGET, deadline_s=DEAD
 def run(args):
     """bench.py --gpu-check."""
     if not torch.cuda.is_available():
-        raise InputError("--gpu-check measures a CUDA GPU, and this machine has none")
+        cpu = script_command("bench.py", "--device", "cpu", "--emsize", 128, "--nhid", 512,
+                             "--bptt", 128, "--batch_size", 8, "--steps", 20, "--floor")
+        raise InputError(f"--gpu-check measures a CUDA GPU, and torch {torch.__version__} sees "
+                         f"none here; next: run it where nvidia-smi lists a GPU (make demo "
+                         f"installs torch's CUDA build there), or time this CPU with {cpu}")
     print("\n".join(check()), flush=True)

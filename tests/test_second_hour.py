@@ -278,3 +278,41 @@ def test_the_readme_describes_the_word_format_and_the_raw_copies():
     section = readme_section("Your own text")
     assert "prepare.py text --words" in section and "`<eos>`" in section and "`bpt`" in section
     assert "train.txt.raw" in section and "nothing reads the `.raw` copies" in section
+
+
+# --- the smaller things --------------------------------------------------------------------
+
+def test_a_model_folder_keeps_no_paths_of_the_run_and_says_the_decoder_is_tied(
+        corpus_dir, tmp_path, capsys):
+    save, folder = tmp_path / "m.pt", tmp_path / "m-model"
+    code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(save), *SMALL,
+                           "--max-steps", "2")
+    assert code == 0, err
+    assert export.main(["--checkpoint", str(save), "--format", "safetensors",
+                        "--output", str(folder)]) == 0
+    description = json.loads((folder / "config.json").read_text())
+    assert description["tied"] == {"decoder.weight": "encoder.weight"}
+    assert not {"save", "last", "run_dir", "tensorboard", "resume"} & set(description["args"])
+    text = (folder / "config.json").read_text()
+    assert str(tmp_path / "m") not in text
+    assert description["args"]["data"] == corpus_dir  # --eval-only of the folder reads it
+
+
+def test_gpu_check_without_cuda_gives_a_next_step(monkeypatch):
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(flags.InputError) as refused:
+        gpu_check.run(None)
+    message = str(refused.value)
+    assert "next:" in message and "nvidia-smi" in message
+    assert outputs.script_command("bench.py", "--device", "cpu") in message
+
+
+def test_the_readme_says_how_many_steps_the_budget_times_and_that_its_times_are_quiet():
+    text = " ".join(readme().split())
+    found = re.search(r"the run times its own step .*? over (\d+) steps after (\d+) untimed ones",
+                      text)
+    assert found and (int(found.group(1)), int(found.group(2))) == (budget.TIMED, budget.WARM)
+    timing = re.search(r"On this project's 2-core Intel Xeon, (.*?)`make demo` takes about", text)
+    assert timing and "quiet" in timing.group(1)
+    assert "These times were measured on the quiet machine" in text
