@@ -27,7 +27,6 @@ check_fields lists the types; a model folder (modelfolder.py) holds the same fie
 best checkpoint as model.safetensors and config.json.
 """
 
-import argparse
 import os
 import pickle
 import re
@@ -40,8 +39,8 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import MODEL_FLAGS, InputError, check_checkpoint_name, check_recorded
-from outputs import Output, claim
+from flags import MODEL_FLAGS, InputError, Parser, check_checkpoint_name, check_recorded
+from outputs import Output, claim, script_command
 from model import SHARNN, attention_blocks, attn_layers_in
 from runtime import agree, gather_columns, out_of_memory
 from utils import LOG2, atomic_save, say
@@ -56,8 +55,8 @@ DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000],
 
 def convert_hint(path):
     return (f"only if the file comes from a source you trust, convert it once with "
-            f"python checkpoint.py convert-pickle {path} --trust-this-file (unpickling runs any "
-            f"code the file holds) and pass the state_dict it writes")
+            f"{script_command('checkpoint.py', 'convert-pickle', path, '--trust-this-file')} "
+            f"(unpickling runs any code the file holds) and pass the state_dict it writes")
 
 
 def first_line(e):
@@ -572,7 +571,7 @@ def convert_pickle(path, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint tools.")
+    parser = Parser(prog="checkpoint.py", description="Checkpoint tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     conv = commands.add_parser(
         "convert-pickle", help="turn a pickled model file into a state_dict (trusted files only)",

@@ -47,7 +47,7 @@ MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
 TEST_BATCH_SIZE = 8      # the test split is always scored with 8 columns
 OPTIMIZERS = ("lamb", "sgd", "adam", "adamw", "adagrad")
-DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2)  # what --dry-run runs
+DRY_RUN = dict(epochs=1, train_batches=3, eval_batches=2, log_interval=1)  # what --dry-run runs
 
 
 # Model flags and the config keys they set (the checkpoint's config).
@@ -68,7 +68,11 @@ class InputError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage dump; under torchrun
-    only rank 0 prints it, so the line appears once."""
+    only rank 0 prints it, so the line appears once. A flag must be spelled in full: an
+    abbreviation (--epoch for --epochs) is an error, not a guess."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n" if launched_rank() == 0 else None)
@@ -307,9 +311,9 @@ def build_parser():
                    help="folder for args.json, env.json, log.txt, metrics.jsonl; None: SAVE with .run")
     g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     g.add_argument("--dry-run", action="store_true",
-                   help=f"smoke test: {DRY_RUN['train_batches']} training batches and "
-                        f"{DRY_RUN['eval_batches']} evaluation batches per split, checkpoints in a "
-                        f"temporary folder")
+                   help=f"smoke test: {DRY_RUN['train_batches']} training batches (each "
+                        f"logged) and {DRY_RUN['eval_batches']} evaluation batches per split, "
+                        f"checkpoints in a temporary folder")
     return p
 
 
@@ -408,14 +412,22 @@ def check_args(args):
 
 # What a run was trained with besides its model: --resume and --eval-only take these from
 # the checkpoint when they are not given (the model flags always come from it).
-RUN_SETTINGS = ("data", "unk", "bptt", "batch_size", "dropout", "dropouth", "dropouti",
-                "dropoute", "wdrop", "wdecay", "optimizer", "lr", "warmup", "clip", "when",
-                "nonmono", "accumulate", "seed", "amp", "log_interval", "max_nonfinite",
-                "save_interval")
+RUN_SETTINGS = ("recipe", "data", "unk", "bptt", "batch_size", "dropout", "dropouth",
+                "dropouti", "dropoute", "wdrop", "wdecay", "optimizer", "lr", "warmup", "clip",
+                "when", "nonmono", "accumulate", "seed", "threads", "amp", "compile",
+                "checkpoint_activations", "log_interval", "max_nonfinite", "save_interval",
+                "dyn_lr", "dyn_decay", "dyn_eps", "dyn_stat_batches")
 # How long it trains: taken from the checkpoint only together, when none of them is given.
 SCHEDULE = ("epochs", "max_steps", "cooldown", "budget")
-SHOWN = ("data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth", "dropouti",
-         "dropoute", "wdrop", "epochs", "max_steps", "cooldown", "budget")  # the start-up's Settings line
+# What a command says about itself rather than about the run: its files, what it does, the
+# machine and the display. --resume and --eval-only never take these from the checkpoint.
+OWN = ("save", "last", "run_dir", "tensorboard", "resume", "continue_from", "eval_only",
+       "dry_run", "overwrite", "allow_changed_data", "dynamic_eval", "device", "no_progress")
+# The start-up's Settings line: the model, then the run; a flag that is off is left out.
+SHOWN = ("recipe", "emsize", "nhid", "nlayers", "attn_layers", "heads", "mem_len",
+         "adaptive_softmax", "data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth",
+         "dropouti", "dropoute", "wdrop", "epochs", "max_steps", "cooldown", "budget", "seed",
+         "threads")
 
 
 def flags_from(start, args, given=()):
@@ -533,9 +545,20 @@ def given_flags(argv):
 
 
 def settings_line(args, sources):
-    """The start-up line of the settings in effect, each with where it came from."""
-    shown = [f"--{k.replace('_', '-') if k != 'batch_size' else k} {getattr(args, k)} "
-             f"[{sources.get(k, 'default')}]" for k in SHOWN]
+    """The start-up line of the settings in effect, each with where it came from. A flag that
+    is off is left out: None, False, and a 0 that is its default; the attention blocks are
+    shown as resolved (block nlayers-2 for the default)."""
+    from model import attention_blocks  # here: flags.py itself needs no torch
+    shown = []
+    for k in SHOWN:
+        value, source = getattr(args, k), sources.get(k, "default")
+        if k == "attn_layers":
+            blocks = attention_blocks(value, args.nlayers)
+            value = ",".join(map(str, blocks)) if blocks else "none"
+        if value is None or value is False or (value == 0 and source == "default"):
+            continue
+        shown.append(f"--{k.replace('_', '-') if k != 'batch_size' else k}"
+                     + ("" if value is True else f" {value}") + f" [{source}]")
     return "Settings: " + ", ".join(shown)
 
 
@@ -595,6 +618,9 @@ def resolve_flags(argv, load_start):
     sources = {k: "checkpoint" for k in saved}
     sources.update({k: f"recipe {args.recipe}" for k in recipe})
     sources.update({k: "given" for k in given})
+    if args.dry_run:
+        args.log_interval = DRY_RUN["log_interval"]
+        sources["log_interval"] = "dry run"
     notes = []
     if args.continue_from:
         check_continue_flags(args, saved)

@@ -41,6 +41,7 @@ import torch
 
 from flags import PAPER, InputError, budget_seconds
 from model import lstm_dtype
+from outputs import script_command
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCH, MAIN = os.path.join(ROOT, "bench.py"), os.path.join(ROOT, "main.py")
@@ -295,6 +296,11 @@ def run():
     """bench.py --gpu-check. A SIGTERM (an outer `timeout`) ends the check, and the
     measurement then running, at once."""
     if not torch.cuda.is_available():
-        raise InputError("--gpu-check measures a CUDA GPU, and this machine has none")
+        cpu = script_command("bench.py", "--device", "cpu", "--emsize", 128, "--nhid", 512,
+                             "--bptt", 128, "--batch_size", 8, "--steps", 20, "--floor")
+        raise InputError(f"--gpu-check measures a CUDA GPU, and torch {torch.__version__} sees "
+                         f"none here; next: run it where nvidia-smi lists a GPU, with the "
+                         f"python3 that has torch's CUDA build there (no setup needed), or "
+                         f"time this CPU with {cpu}")
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     check()

@@ -66,6 +66,7 @@ class Run:
     sources: dict = None  # {flag: where its value came from}, for the Settings line
     budget_note: str = None  # what --budget measured and chose
     pace: budget.Pace = None  # --budget's deadline, kept while training (not on --continue)
+    unit: str = "bpc"  # the log's bits: "bpc" per character (bytes), "bpt" per token (words)
 
     @property
     def model(self):
@@ -151,7 +152,7 @@ def log_train(run, progress, interval, batches, lr):
     loss, nonfinite = interval["loss"], interval["nonfinite"]
     run.log(f"| epoch {progress.epoch + 1:3d} | {progress.batch:5d}/{batches:5d} batches | "
             f"lr {lr:05.5f} | ms/batch {interval['ms_per_batch']:5.2f} | loss {loss:5.2f} | "
-            f"ppl {safe_exp(loss):8.2f} | bpc {loss / LOG2:8.3f}"
+            f"ppl {safe_exp(loss):8.2f} | {run.unit} {loss / LOG2:8.3f}"
             + (f" | non-finite losses {nonfinite}" if nonfinite else ""))
     run.log.metrics(type="train", epoch=progress.epoch + 1, step=progress.steps,
                     batch=progress.batch, tokens=progress.tokens, lr=lr, bpc=loss / LOG2,
@@ -222,7 +223,8 @@ def validate(run, progress):
         run.log("-" * 89)
         run.log(f"| end of epoch {progress.epoch + 1:3d} | time: {progress.epoch_time:5.2f}s | "
                 f"valid loss {val_loss:5.2f} | valid ppl {safe_exp(val_loss):8.2f} | "
-                f"valid bpc {val_loss / LOG2:8.3f}" + run.limits.note(run.val_data, run.args.bptt))
+                f"valid {run.unit} {val_loss / LOG2:8.3f}"
+                + run.limits.note(run.val_data, run.args.bptt))
         run.log("-" * 89)
         run.log.metrics(type="valid", epoch=progress.epoch + 1, step=progress.steps,
                         tokens=progress.tokens, valid_loss=val_loss, valid_bpc=val_loss / LOG2,
@@ -282,9 +284,9 @@ def train(run, progress):
 # --- testing -----------------------------------------------------------------------------
 
 def report(run, kind, name, loss, source):
-    """One result line: loss, perplexity and bits per character of `source`."""
+    """One result line: loss, perplexity and bits per token (character) of `source`."""
     run.log(f"| {kind} | {name} loss {loss:5.2f} | {name} ppl {safe_exp(loss):8.2f} | "
-            f"{name} bpc {loss / LOG2:8.3f}" + run.limits.note(source, run.args.bptt))
+            f"{name} {run.unit} {loss / LOG2:8.3f}" + run.limits.note(source, run.args.bptt))
 
 
 def test(run, progress):
@@ -385,7 +387,8 @@ def setup(args, d, device, start, paths, stop, sources, started):
     run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
               rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
-              fingerprint=corpus.fingerprint, sources=sources)
+              fingerprint=corpus.fingerprint, sources=sources,
+              unit="bpc" if corpus.byte_level else "bpt")
     if args.budget and not args.continue_from and not args.eval_only:
         run.budget_note, run.pace = budget.apply(run, started, eval_batch_size(args),
                                                  TEST_BATCH_SIZE, BUDGET_RULES[args.recipe], sources)
@@ -435,6 +438,12 @@ def describe(run, notes):
         run.log(f"Run records in {run.paths['run_dir']} ({run.paths['moved']} holds an earlier run)")
     if not args.eval_only:
         run.log(outputs.outputs_line(run.paths))
+    if args.dry_run:
+        limits = run.limits
+        run.log(f"Dry run: {limits.train_batches} training batches of up to {args.bptt} x "
+                f"{args.batch_size} tokens, each logged when done, then {limits.eval_batches} "
+                f"chunks of each evaluation split" if not args.eval_only else
+                f"Dry run: {limits.eval_batches} chunks of each evaluation split")
 
 
 def finished(run, progress):
@@ -477,12 +486,15 @@ def execute(run, progress, notes):
         run.log(f"error: {e}")
         ckpt.save_last(run, progress)
         return 1
-    resume = outputs.command(run.d.world, "--continue", run.paths["last"])
+    resume = (outputs.command(run.d.world, "--continue", run.paths["last"]) if run.paths["kept"]
+              else None)  # a dry run's checkpoints go with its temporary folder
     if ended == "records":
         raise InputError(f"{run.log.failure}; training stopped at step {progress.steps} with the "
-                         f"last checkpoint written: free some space, then continue with {resume}")
+                         f"last checkpoint written: free some space, then "
+                         + (f"continue with {resume}" if resume else "run the dry run again"))
     if ended == "terminate":
-        run.log(f"Stopped by SIGTERM; continue with: {resume}")
+        run.log(f"Stopped by SIGTERM; continue with: {resume}" if resume else
+                "Stopped by SIGTERM; a dry run keeps nothing to continue")
         return 0
     if ended == "interrupt":
         run.log("-" * 89)
@@ -490,11 +502,12 @@ def execute(run, progress, notes):
     if test(run, progress) and ended == "done":
         progress.tested = True
         ckpt.save_last(run, progress)
-    run.log(outputs.outputs_line(run.paths))
+    run.log(outputs.outputs_line(run.paths, best=progress.best_val < float("inf")))
     if progress.best_val < float("inf") and run.paths["kept"]:
         run.log(f"Sample from the best checkpoint: {outputs.sample_command(run.paths)}")
     if ended == "interrupt":
-        run.log(f"Stopped by Ctrl-C; continue with: {resume}")
+        run.log(f"Stopped by Ctrl-C; continue with: {resume}" if resume else
+                "Stopped by Ctrl-C; a dry run keeps nothing to continue")
     if run.log.failure:
         raise InputError(f"{run.log.failure}; the checkpoints are written")
     return 0

@@ -4,10 +4,12 @@ and its description as `config.json`, the layout model hubs use.
     python export.py --checkpoint ENWIK8.pt --format safetensors --output ENWIK8-model/
 
 config.json holds {"format": "sha-rnn", "format_version": 1, "config": the model's
-arguments, "vocab": id -> token, "args": the flags the run was trained with, "summary":
-{"corpus": SHA-256 of each split, "epoch", "steps", "valid_bpc", "test_bpc"}}. The tied
-decoder weight is stored once (as encoder.weight). Every script that takes a checkpoint
-takes such a folder too (checkpoint.load_checkpoint), and reading one never unpickles.
+arguments, "vocab": id -> token, "args": the flags the run was trained with (less the
+paths of its own files, PRIVATE), "tied": {"decoder.weight": "encoder.weight"} when the
+decoder is tied to the embedding (else {}), "summary": {"corpus": SHA-256 of each split,
+"epoch", "steps", "valid_bpc", "test_bpc"}}. The tied decoder weight is stored once (as
+encoder.weight). Every script that takes a checkpoint takes such a folder too
+(checkpoint.load_checkpoint), and reading one never unpickles.
 """
 
 import json
@@ -19,6 +21,11 @@ from utils import atomic_write
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FIELDS = ("format", "format_version", "config", "vocab", "args", "summary")  # of config.json
 FORMAT_VERSION = 1
+# Flags naming the files of the run on its own machine: left out of a folder meant to be
+# published (they would tell the user's paths and mean nothing elsewhere). --data stays:
+# --resume and --eval-only of the folder read the corpus it names.
+PRIVATE = ("save", "last", "run_dir", "tensorboard", "resume", "continue_from")
+TIED = {"decoder.weight": "encoder.weight"}
 
 
 def files(folder):
@@ -38,11 +45,13 @@ def write(ckpt, folder):
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt["model"].items()}
-    if ckpt["config"]["cutoffs"] is None:
-        tensors.pop("decoder.weight")  # tied: the same tensor as encoder.weight
+    tied = ckpt["config"]["cutoffs"] is None
+    if tied:
+        tensors.pop("decoder.weight")  # the same tensor as encoder.weight
+    args = {k: v for k, v in ckpt["args"].items() if k not in PRIVATE}
     description = {"format": ckpt["format"], "format_version": FORMAT_VERSION,
-                   "config": ckpt["config"], "vocab": ckpt["vocab"], "args": ckpt["args"],
-                   "summary": summary(ckpt)}
+                   "config": ckpt["config"], "vocab": ckpt["vocab"], "args": args,
+                   "tied": TIED if tied else {}, "summary": summary(ckpt)}
     weights, config = files(folder)
     os.makedirs(folder, exist_ok=True)
     atomic_write(weights, lambda f: f.write(save(tensors, metadata={"format": ckpt["format"]})))

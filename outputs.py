@@ -11,6 +11,7 @@ import fcntl
 import importlib.util
 import os
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -258,21 +259,47 @@ def check_tensorboard(folder, new):
 
 # --- what a run tells about its outputs --------------------------------------------------
 
-def outputs_line(paths):
-    """Where a run's outputs go (or went)."""
+def outputs_line(paths, best=True):
+    """Where a run's outputs go (or went); `best` False: the run wrote no best checkpoint."""
     if not paths["kept"]:
         return "Outputs: none kept (--dry-run writes into a temporary folder it removes)"
-    return (f"Outputs: best checkpoint {paths['save']}, last checkpoint {paths['last']} "
-            f"(to continue), run records {paths['run_dir']}/")
+    saved = (f"best checkpoint {paths['save']}" if best else
+             "no best checkpoint (no validation finished)")
+    return (f"Outputs: {saved}, last checkpoint {paths['last']} (to continue), run records "
+            f"{paths['run_dir']}/")
+
+
+CLONE = os.path.dirname(os.path.abspath(__file__))  # the folder of the scripts
+
+
+def interpreter():
+    """The Python that runs this process, as a command names it: relative when it lies in
+    the clone (.venv/bin/python), else its full path; "python" when Python cannot say."""
+    python = os.path.abspath(sys.executable) if sys.executable else ""
+    if not python:
+        return "python"
+    if os.path.commonpath([python, CLONE]) == CLONE:
+        python = os.path.relpath(python)
+        python = python if os.sep in python else os.path.join(".", python)
+    return shlex.quote(python)
+
+
+def script_command(script, *flags, launcher=()):
+    """The command line that runs `script` of the clone with this interpreter (and the
+    interpreter's `launcher` options)."""
+    path = os.path.relpath(os.path.join(CLONE, script))
+    return " ".join([interpreter(), *launcher, shlex.quote(path),
+                     *map(shlex.quote, map(str, flags))])
 
 
 def command(world, *flags):
-    """The command line of main.py with `flags`, launched as a run of `world` processes."""
-    launcher = "python -u" if world == 1 else f"torchrun --nproc_per_node={world}"
-    script = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py"))
-    return " ".join([launcher, shlex.quote(script), *map(shlex.quote, map(str, flags))])
+    """The command line of main.py with `flags`, launched as a run of `world` processes
+    (through torch.distributed.run, the module behind torchrun, when more than one)."""
+    launcher = (["-u"] if world == 1 else
+                ["-m", "torch.distributed.run", f"--nproc_per_node={world}"])
+    return script_command("main.py", *flags, launcher=launcher)
 
 
 def sample_command(paths):
     """How to sample from the best checkpoint."""
-    return f"python generate.py --checkpoint {shlex.quote(paths['save'])} --length 500"
+    return script_command("generate.py", "--checkpoint", paths["save"], "--length", 500)

@@ -1,16 +1,19 @@
 """Dataset preparation: downloaded archives and your own files into corpus folders.
 
     python prepare.py text mybook.txt data/mybook            # your own text, byte level
+    python prepare.py text --words mybook.txt data/mybook-w  # your own text, word level
     python prepare.py enwik8 enwik8.zip data/enwik8          # what getdata.sh runs
 
 A corpus folder holds train.txt, valid.txt and test.txt. The byte format (enwik8, text8,
 raw WikiText, your own text) writes every byte as its decimal value, values separated by
 single spaces, and a newline byte as a real line break; the raw bytes are kept beside each
-file as X.txt.raw. Word-level corpora (tokenised WikiText, Penn Treebank) are copied as they
-are. docs/model.md (Corpus and vocabulary) gives the splits of each dataset.
+file as X.txt.raw (read by nothing here: the bytes the corpus holds, to compare or reuse).
+Word-level corpora (tokenised WikiText, Penn Treebank, your own text with --words) are
+copied as they are: UTF-8 text whose whitespace-separated tokens are the words, each line
+ending in an end-of-line token when read. docs/model.md (Corpus and vocabulary) gives the
+splits of each dataset.
 """
 
-import argparse
 import sys
 import tarfile
 import zipfile
@@ -19,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from data import SPLITS, split_files
-from flags import InputError
-from outputs import Output, claim
+from flags import InputError, Parser
+from outputs import Output, claim, script_command
 from tokens import NEWLINE
 from utils import atomic_write, say
 
@@ -239,10 +242,12 @@ def claim_corpus(out_dir, inputs):
           [("an input", str(path)) for path in inputs])
 
 
-def prepare_text(paths, out_dir, fraction=0.05):
-    """Any text or binary files -> a byte-level corpus folder: the files of `paths`
-    (text_files) concatenated, then split in order: test = the last ``fraction`` of the
-    bytes, valid = the ``fraction`` before, train = the rest."""
+def prepare_text(paths, out_dir, fraction=0.05, words=False):
+    """Any text or binary files -> a byte-level corpus folder (with `words`, UTF-8 text ->
+    a word-level one): the files of `paths` (text_files) concatenated, then split in order:
+    test = the last ``fraction`` of the bytes, valid = the ``fraction`` before, train = the
+    rest; a word-level corpus is cut at the starts of the lines holding those bytes.
+    Returns {split: bytes}."""
     if not 0 < fraction < 0.5:
         raise InputError(f"--fraction must be between 0 and 0.5, got {fraction}")
     claim_corpus(out_dir, paths)
@@ -250,13 +255,19 @@ def prepare_text(paths, out_dir, fraction=0.05):
     if data and int(len(data) * fraction) < 1:
         raise InputError(f"--fraction {fraction:g} of {len(data):,} bytes is less than one byte "
                          f"per held-out split; give --fraction {1 / len(data):.2g} or more")
-    parts = _held_out_parts(data, int(len(data) * fraction), " ".join(map(str, paths)))
-    _write_nonempty(out_dir, parts)
+    source = " ".join(map(str, paths))
+    if words:
+        check_utf8(data, source)
+        parts = _held_out_lines(data, int(len(data) * fraction))
+    else:
+        parts = _held_out_parts(data, int(len(data) * fraction), source)
+    return _write_nonempty(out_dir, parts, words)
 
 
-def prepare_splits(train, valid, test, out_dir):
-    """A byte-level corpus folder from three explicit sources (each a file or a folder,
-    read as text_files does), used as they are."""
+def prepare_splits(train, valid, test, out_dir, words=False):
+    """A byte-level corpus folder (with `words`, a word-level one) from three explicit
+    sources (each a file or a folder, read as text_files does), used as they are. Returns
+    {split: bytes}."""
     claim_corpus(out_dir, [train, valid, test])
     named = {split: {p.resolve() for p in text_files([path])}
              for split, path in zip(SPLITS, (train, valid, test))}
@@ -266,15 +277,49 @@ def prepare_splits(train, valid, test, out_dir):
             raise InputError(f"--{first} and --{second} both hold {shared[0]}: the {second} split "
                              f"would score text of the {first} split; give each split its own "
                              f"text (or one text to split: prepare.py text PATH OUTDIR)")
-    _write_nonempty(out_dir, {split: read_text([path])
-                              for split, path in zip(SPLITS, (train, valid, test))})
+    parts = {split: read_text([path]) for split, path in zip(SPLITS, (train, valid, test))}
+    if words:
+        for split, path in zip(SPLITS, (train, valid, test)):
+            check_utf8(parts[split], path)
+    return _write_nonempty(out_dir, parts, words)
 
 
-def _write_nonempty(out_dir, parts):
+def check_utf8(data, source):
+    """InputError unless `data` is UTF-8 text, as a word-level corpus must be."""
+    try:
+        bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source}: not UTF-8 text (byte {e.start:,}); --words needs text, "
+                         f"or leave it out for a byte-level corpus") from None
+
+
+def _held_out_lines(data, held):
+    """{split: memoryview} cut at line starts: test from the start of the line holding the
+    last ``held`` bytes, valid from that of the line ``held`` bytes before it."""
+    def line_start(pos):
+        return data.rfind(b"\n", 0, max(pos, 0)) + 1
+
+    test = line_start(len(data) - held)
+    valid = line_start(test - held)
+    view = memoryview(data)
+    return {"train": view[:valid], "valid": view[valid:test], "test": view[test:]}
+
+
+def _write_nonempty(out_dir, parts, words=False):
     for split, part in parts.items():
-        if not len(part):
-            raise InputError(f"the {split} split would be empty; give more text")
-    _write_splits(out_dir, parts, byte_level=True)
+        if not (bytes(part).strip() if words else len(part)):
+            raise InputError(f"the {split} split would be "
+                             f"{'without words' if words else 'empty'}; give more text")
+    _write_splits(out_dir, parts, byte_level=not words)
+    return parts
+
+
+def unseen_words(parts):
+    """How many tokens of valid and test never occur in train (each line's whitespace-
+    separated tokens, as data.py reads them)."""
+    vocabulary = set(bytes(parts["train"]).decode("utf-8").split())
+    return sum(token not in vocabulary for split in ("valid", "test")
+               for token in bytes(parts[split]).decode("utf-8").split())
 
 
 ARCHIVES = {
@@ -291,22 +336,30 @@ ARCHIVES = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="prepare.py", description="Write a corpus folder (train.txt, valid.txt, test.txt) "
                                        "from your own files or a downloaded archive.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     text = commands.add_parser(
-        "text", help="your own files (text or any bytes) -> a byte-level corpus",
+        "text", help="your own files (text or any bytes) -> a byte-level corpus (or, with "
+                     "--words, a word-level one)",
         description="Write OUTDIR/train.txt, valid.txt and test.txt in the byte format (one "
                     "decimal value per byte) from PATHs: files, and folders read recursively, "
                     "all concatenated in sorted order of their paths, then split in order: the "
                     "last FRACTION of the bytes is the test split, the FRACTION before it the "
                     "valid split. Or give the three splits by name with --train, --valid and "
-                    "--test. Then: python main.py --data OUTDIR")
+                    "--test. With --words the text is copied as it is, a word-level corpus "
+                    "(cut at line starts). Then: "
+                    + script_command("main.py", "--data", "OUTDIR", launcher=["-u"]))
     text.add_argument("paths", metavar="PATH", nargs="*", help="files or folders")
     text.add_argument("outdir", metavar="OUTDIR", help="new folder to write (created if needed)")
     text.add_argument("--fraction", type=float, default=0.05,
                       help="the share of the bytes in each of valid and test (default 0.05)")
+    text.add_argument("--words", action="store_true",
+                      help="a word-level corpus: UTF-8 text copied as it is, its whitespace-"
+                           "separated tokens the words and each line ending in an end-of-line "
+                           "token <eos> (the WikiText and Penn Treebank format); the splits are "
+                           "cut at line starts")
     for split in SPLITS:
         text.add_argument(f"--{split}", metavar="PATH", default=None,
                           help=f"the {split} split as it is (a file or a folder), with the other two")
@@ -326,11 +379,19 @@ def run_text(args):
         if not all(named) or args.paths:
             raise InputError("give the three splits by name (--train, --valid and --test) and "
                              "no other PATH, or PATHs to split")
-        prepare_splits(*named, args.outdir)
+        parts = prepare_splits(*named, args.outdir, words=args.words)
     elif not args.paths:
         raise InputError("give the files or folders to read (PATH ... OUTDIR)")
     else:
-        prepare_text(args.paths, args.outdir, args.fraction)
+        parts = prepare_text(args.paths, args.outdir, args.fraction, words=args.words)
+    unseen = unseen_words(parts) if args.words else 0
+    if unseen:
+        print(f"valid and test hold {unseen:,} tokens that train never has: main.py needs "
+              f"--unk, which reads them as <unk>")
+    save = Path(args.outdir).name + ".pt"
+    print("Next: " + script_command("main.py", "--recipe", "cpu-small", "--data", args.outdir,
+                                    "--save", save, *(["--unk"] if unseen else []),
+                                    launcher=["-u"]))
 
 
 def main(argv=None):

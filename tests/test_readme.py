@@ -22,7 +22,8 @@ def commands(text, script):
     found = []
     for line in lines:
         line = line.split("#")[0].strip()
-        if re.match(rf"(python|torchrun)\b.*\b{script}\b", line) and "<" not in line:
+        launcher = r"(\.venv/bin/python|python|torchrun)\b"
+        if re.match(rf"{launcher}.*\b{script}\b", line) and "<" not in line:
             found.append(shlex.split(line))
     return found
 

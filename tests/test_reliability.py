@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
 import checkpoint
+import outputs
 
 
 def cli(*argv, timeout=300):
@@ -75,9 +76,8 @@ def test_continue_after_sigterm_ends_with_the_weights_of_an_uninterrupted_run(co
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Stopped by SIGTERM" in out and "End of training" not in out
-    assert out.splitlines()[-1] == (f"Stopped by SIGTERM; continue with: python -u "
-                                    f"{os.path.relpath(os.path.join(ROOT, 'main.py'))} --continue "
-                                    f"{tmp_path / 'run.last.pt'}")
+    assert out.splitlines()[-1] == ("Stopped by SIGTERM; continue with: "
+                                    + outputs.command(1, "--continue", tmp_path / "run.last.pt"))
 
     cont = cli("--continue", str(tmp_path / "run.last.pt"))
     assert cont.returncode == 0, cont.stderr
@@ -104,10 +104,10 @@ def test_sigint_stops_then_tests_the_best_checkpoint(corpus_dir, tmp_path):
     assert "Exiting from training early" in out
     assert "| End of training | test loss" in out
     last = tmp_path / "m.last.pt"
-    assert out.splitlines()[-1] == (f"Stopped by Ctrl-C; continue with: python -u "
-                                    f"{os.path.relpath(os.path.join(ROOT, 'main.py'))} --continue {last}")
+    assert out.splitlines()[-1] == ("Stopped by Ctrl-C; continue with: "
+                                    + outputs.command(1, "--continue", last))
     assert f"Outputs: best checkpoint {tmp_path / 'm.pt'}, last checkpoint {last}" in out
-    assert f"python generate.py --checkpoint {tmp_path / 'm.pt'}" in out
+    assert outputs.sample_command({"save": str(tmp_path / "m.pt")}) in out
     assert os.path.exists(str(tmp_path / "m.last.pt"))
     assert "Traceback" not in err
 

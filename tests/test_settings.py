@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flags
+import outputs
 import prepare
 from conftest import SMALL, run_cli
 from data import SPLITS
@@ -146,8 +147,8 @@ def test_a_finished_run_says_so_on_continue_and_trains_further_when_asked(corpus
     assert code == 0, err
     assert f"Outputs: best checkpoint {save}, last checkpoint {last} (to continue), run records " \
            f"{tmp_path / 'm.run'}/" in out.splitlines()
-    assert out.splitlines()[-1] == f"Sample from the best checkpoint: python generate.py " \
-                                   f"--checkpoint {save} --length 500"
+    assert out.splitlines()[-1] == ("Sample from the best checkpoint: "
+                                    + outputs.sample_command({"save": str(save)}))
     before = open(last, "rb").read()
     code, out, err = run_cli(capsys, "--continue", str(last))
     assert code == 0, err
