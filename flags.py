@@ -422,7 +422,8 @@ SCHEDULE = ("epochs", "max_steps", "cooldown", "budget")
 # What a command says about itself rather than about the run: its files, what it does, the
 # machine and the display. --resume and --eval-only never take these from the checkpoint.
 OWN = ("save", "last", "run_dir", "tensorboard", "resume", "continue_from", "eval_only",
-       "dry_run", "overwrite", "allow_changed_data", "dynamic_eval", "device", "no_progress")
+       "dry_run", "overwrite", "allow_changed_data", "dynamic_eval", "device", "no_tf32",
+       "no_progress")
 # The start-up's Settings line: the model, then the run; a flag that is off is left out.
 SHOWN = ("recipe", "emsize", "nhid", "nlayers", "attn_layers", "heads", "mem_len",
          "adaptive_softmax", "data", "bptt", "batch_size", "lr", "warmup", "dropout", "dropouth",

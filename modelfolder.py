@@ -20,6 +20,7 @@ from utils import atomic_write
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FIELDS = ("format", "format_version", "config", "vocab", "args", "summary")  # of config.json
+OPTIONAL = ("tied",)  # absent from the folders of older versions
 FORMAT_VERSION = 1
 # Flags naming the files of the run on its own machine: left out of a folder meant to be
 # published (they would tell the user's paths and mean nothing elsewhere). --data stays:
@@ -78,7 +79,7 @@ def read(folder):
     missing = [k for k in FIELDS if k not in description]
     if missing:
         raise InputError(f"{config}: {missing[0]} is missing")
-    unknown = [k for k in description if k not in FIELDS]
+    unknown = [k for k in description if k not in FIELDS + OPTIONAL]
     if unknown:
         raise InputError(f"{config}: unknown field {unknown[0]}")
     if description["format_version"] != FORMAT_VERSION:

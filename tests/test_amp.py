@@ -213,10 +213,10 @@ def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_d
         path = str(tmp_path / f"{name}.last.pt")
         carry = {"hidden": [[cast(x) for x in h] for h in hidden],
                  "mems": [m if m is None else cast(m) for m in mems]}
-        torch.save(dict(last, carry=carry), path)
-        code, _, err = run_cli(capsys, "--continue", path, "--last", path, "--save",
-                               str(tmp_path / f"{name}.pt"), "--amp", "none", "--epochs", "2",
-                               "--max-steps", str(steps + 5))
+        save = str(tmp_path / f"{name}.pt")  # each its own best (--continue keeps the run's)
+        torch.save(dict(last, carry=carry, args=dict(last["args"], save=save)), path)
+        code, _, err = run_cli(capsys, "--continue", path, "--last", path, "--amp", "none",
+                               "--epochs", "2", "--max-steps", str(steps + 5))
         assert code == 0, err
         return torch.load(path, weights_only=True)["model"]
 

@@ -302,7 +302,7 @@ def test_gpu_check_without_cuda_gives_a_next_step(monkeypatch):
     import gpu_check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(flags.InputError) as refused:
-        gpu_check.run(None)
+        gpu_check.run()
     message = str(refused.value)
     assert "next:" in message and "nvidia-smi" in message
     assert outputs.script_command("bench.py", "--device", "cpu") in message
