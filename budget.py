@@ -10,11 +10,12 @@ exactly the run of `--max-steps N --cooldown M`.
 
 Pace. At each log interval the run forecasts its end from its recent step time (over the
 last 5% of the budget): training, the validations and the test still to come. When the
-forecast passes the deadline itself, it re-plans: fewer steps, fitted to end MARGIN before
-the deadline at the recent speed (evaluations slowed alike), the cooldown re-anchored so
-that the rate still reaches 0 at the new last step, the epochs recomputed. Since plans aim
-MARGIN (3%) early, a steady machine whose steps run up to about 3% slower than measured
-never re-plans. A re-plan only
+forecast passes the deadline by more than TOLERANCE (1%) of the budget, it re-plans: fewer
+steps, fitted to end MARGIN before the deadline at the recent speed (evaluations slowed
+alike), the cooldown re-anchored so that the rate still reaches 0 at the new last step, the
+epochs recomputed. Since plans aim MARGIN (3%) early, a machine whose steps run up to about
+4% slower than measured (the first steps of a run here measure a few percent fast) never
+re-plans, and ends at most 1% late. A re-plan only
 removes steps: a machine that gets faster ends early. Each re-plan is logged and recorded
 (metrics, args.json, checkpoints), and a --continue follows the plan in force without
 keeping pace (its deadline was the first start's), ending at the same step.
@@ -37,6 +38,7 @@ from training import (epoch_batches, evaluate, lr_at, make_step, sample_seq_len,
 
 WARM, TIMED = 5, 20     # training steps: untimed, then timed
 MARGIN = 0.03           # of the budget: plans end this much before the deadline
+TOLERANCE = 0.01        # of the budget: how far past the deadline a forecast may end unplanned
 WINDOW = 0.05           # of the budget: the recent past whose step time a forecast uses
 MIN_SAMPLES = 3         # log intervals in the window before a forecast is made
 MAX_PLANNED_BATCHES = 2_000_000  # sequence lengths a plan may draw (about 2.5 s of planning)
@@ -221,13 +223,14 @@ class Pace:
 
     def replan(self, args, steps, recent, elapsed):
         """The plan after `steps` steps, `elapsed` seconds into the budget, at `recent`
-        seconds a step: None when the run still ends by the deadline, else {max_steps,
-        cooldown, epochs (None: --epochs was given), ...} fitted to end MARGIN before it."""
+        seconds a step: None when the run still ends within TOLERANCE of the deadline, else
+        {max_steps, cooldown, epochs (None: --epochs was given), ...} fitted to end MARGIN
+        before it."""
         slower = max(1.0, recent / self.measured.step)
         now = Measured(recent, self.measured.valid * slower, self.measured.test * slower)
         ahead = [e - steps for e in self.ends if e >= steps]
         left = args.max_steps - steps
-        if elapsed + cost(left, now, ahead) <= self.seconds:
+        if elapsed + cost(left, now, ahead) <= self.seconds * (1 + TOLERANCE):
             return None
         n = max(1, fit(self.seconds * (1 - MARGIN) - elapsed, now, ahead, most=left - 1))
         if n >= left:

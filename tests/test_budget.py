@@ -352,3 +352,16 @@ def test_a_budget_ends_on_time_when_the_machine_gets_busy(tmp_path):
     assert run.returncode == 0, out[-2000:]
     assert "re-planned at step" in out and "| End of training | test" in out
     assert wall <= 30 * 1.10, out
+
+
+def test_a_forecast_within_the_tolerance_keeps_the_plan():
+    """A 100 s budget, 1,000 steps planned at 0.097 s (3% early; nothing else to pay for):
+    steps 4% slower end 0.9 s late, within 1% of the budget: kept. 5% slower, 1.9 s late:
+    re-planned to end 3% early at the new speed."""
+    from types import SimpleNamespace
+    pace = budget.Pace(100.0, 0.0, budget.Measured(0.097, 0.0, 0.0), ends=[10**6], share=0.2)
+    args = SimpleNamespace(max_steps=1000, cooldown=200, epochs=1)
+    assert pace.replan(args, 0, 0.097 * 1.04, 0.0) is None
+    new = pace.replan(args, 0, 0.097 * 1.05, 0.0)
+    steps = int(97.0 / (0.097 * 1.05))
+    assert new["max_steps"] == steps and new["cooldown"] == round(0.2 * steps)
