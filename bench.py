@@ -91,7 +91,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=PAPER["seed"], help="seed for the weights and the tokens")
     g.add_argument("--gpu-check", action="store_true",
                    help="the first measurements of a new GPU, in at most 8 minutes, printed row "
-                        "by row as Markdown for the README (gpu_check.py): training and "
+                        "by row as Markdown for docs/speed.md (gpu_check.py): training and "
                         "evaluation at the paper's sizes (one attention block and every block; "
                         "fp16, bf16 and float32; the attention as SDPA and as two matrix "
                         "products), the attention kernels, two minutes of training the paper's "

@@ -125,7 +125,7 @@ def format_ports(ports):
 
 
 def describe_io(config):
-    """A readable table of the interface, one port per line (for the README)."""
+    """A readable table of the interface, one port per line (docs/variants.md)."""
     inputs, outputs = io_spec(config)
     shape = {p.name: f"[{', '.join(map(str, p.shape))}]" for p in inputs + outputs}
     width = max(map(len, shape.values()))

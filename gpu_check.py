@@ -1,6 +1,6 @@
-"""The GPU check: the first numbers of a new GPU in at most 8 minutes, as Markdown for the
-README, printed row by row as they are measured (each line flushed), so that whatever ends
-the check early leaves every row measured before it:
+"""The GPU check: the first numbers of a new GPU in at most 8 minutes, as Markdown for
+docs/speed.md, printed row by row as they are measured (each line flushed), so that
+whatever ends the check early leaves every row measured before it:
 
     PYTHONUNBUFFERED=1 timeout 540 python3 bench.py --gpu-check | tee gpu_check.md
 
