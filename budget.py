@@ -154,16 +154,18 @@ def epoch_ends(rng, rows, bptt, accumulate, upto, epochs=None):
     return ends, False
 
 
-def cost(n, measured, ends):
-    """Seconds for n more optimizer steps, a validation at each epoch end in `ends` (steps
-    from now) before the n-th and one at it, and the test."""
-    return n * measured.step + (bisect.bisect_left(ends, n) + 1) * measured.valid + measured.test
+def cost(n, measured, ends, interval=None, steps=0):
+    """Seconds for n more optimizer steps after `steps`, a validation at each epoch end in
+    `ends` (steps from now) before the n-th, at each multiple of --eval-interval `interval`
+    before it, and at it, and the test."""
+    points = (steps + n - 1) // interval - steps // interval if interval else 0
+    return (n * measured.step + (bisect.bisect_left(ends, n) + points + 1) * measured.valid
+            + measured.test)
 
 
-def fit(seconds, measured, ends, most=None):
-    """The most optimizer steps n (at most `most`) whose training, validations (at each
-    epoch end in `ends` before n, and at n) and test fit in `seconds` (0 when none does).
-    The cost grows with n: a binary search."""
+def fit(seconds, measured, ends, most=None, interval=None, steps=0):
+    """The most optimizer steps n (at most `most`) whose training, validations and test
+    (cost) fit in `seconds` (0 when none does). The cost grows with n: a binary search."""
     top = int((seconds - measured.test - measured.valid) / measured.step)
     if most is not None:
         top = min(top, most)
@@ -172,7 +174,8 @@ def fit(seconds, measured, ends, most=None):
     low, high = 0, top  # cost(low) fits (or low is 0); cost(high + 1) does not
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if cost(middle, measured, ends) <= seconds else (low, middle - 1)
+        fits = cost(middle, measured, ends, interval, steps) <= seconds
+        low, high = (middle, high) if fits else (low, middle - 1)
     return low
 
 
@@ -203,6 +206,7 @@ class Pace:
     ends: list
     share: float = None
     epochs_given: bool = False
+    interval: int = None  # --eval-interval: its validations are paid for too
     samples: deque = field(default_factory=deque)  # (clock, steps) at recent log intervals
 
     def restart(self):
@@ -230,9 +234,11 @@ class Pace:
         now = Measured(recent, self.measured.valid * slower, self.measured.test * slower)
         ahead = [e - steps for e in self.ends if e >= steps]
         left = args.max_steps - steps
-        if elapsed + cost(left, now, ahead) <= self.seconds * (1 + TOLERANCE):
+        forecast = elapsed + cost(left, now, ahead, self.interval, steps)
+        if forecast <= self.seconds * (1 + TOLERANCE):
             return None
-        n = max(1, fit(self.seconds * (1 - MARGIN) - elapsed, now, ahead, most=left - 1))
+        n = max(1, fit(self.seconds * (1 - MARGIN) - elapsed, now, ahead, most=left - 1,
+                       interval=self.interval, steps=steps))
         if n >= left:
             return None
         new_last = steps + n
@@ -241,7 +247,7 @@ class Pace:
                     cooldown=cooldown_after(steps, args.max_steps, args.cooldown, new_last,
                                             self.share),
                     step_time=recent, measured_step=self.measured.step,
-                    forecast=elapsed + cost(left, now, ahead), epochs=epochs)
+                    forecast=forecast, epochs=epochs)
 
 
 def apply(run, started, valid_bsz, test_bsz, rule, sources):
@@ -253,6 +259,8 @@ def apply(run, started, valid_bsz, test_bsz, rule, sources):
     line that says so and the run's Pace."""
     args = run.args
     measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
+    if "eval_points" in rule and sources.get("eval_interval") != "given":
+        steps, capped = eval_points(run, measured, steps, rule["eval_points"], sources)
     regularise = {k: v for k, v in by_limit(rule.get("regularise", []), epochs_of(run, steps)).items()
                   if sources.get(k) != "given" and getattr(args, k) != v}
     if regularise:
@@ -261,6 +269,8 @@ def apply(run, started, valid_bsz, test_bsz, rule, sources):
             sources[key] = f"budget {args.budget}"
         run.model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
         measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
+        if "eval_points" in rule and sources.get("eval_interval") != "given":
+            steps, capped = eval_points(run, measured, steps, rule["eval_points"], sources)
     if steps < 1:
         raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
                          f"{measured.elapsed:.0f} s, and a validation and the test need "
@@ -277,11 +287,12 @@ def apply(run, started, valid_bsz, test_bsz, rule, sources):
         args.epochs = epochs
         sources["epochs"] = f"budget {args.budget}"
     pace = Pace(budget_seconds(args.budget), started, measured, ends, share,
-                epochs_given=sources.get("epochs") == "given")
+                epochs_given=sources.get("epochs") == "given", interval=args.eval_interval)
     line = (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
             f"(measured over {TIMED} steps), over {epochs} epoch(s), cooldown "
             f"{args.cooldown or 0:,} steps; {math.ceil(measured.valid):,} s per validation, "
             f"{math.ceil(measured.test):,} s for the test"
+            + (f"; a validation every {args.eval_interval:,} steps" if args.eval_interval else "")
             + (f"; --epochs {args.epochs} ends it sooner" if capped == "epochs" else "")
             + (f"; planning stops at {MAX_PLANNED_BATCHES:,} batches" if capped == "draws" else "")
             + (f"; for {epochs_of(run, steps):.1f} epochs of data: "
@@ -299,8 +310,14 @@ def ends_of(run, upto, sources):
 def settle(run, started, valid_bsz, test_bsz, sources):
     """Measure the run as it now is, and the steps that fit what is left of its budget:
     (Measured, steps, what capped them: "epochs", "draws" or None)."""
-    args = run.args
     measured = measure(run, valid_bsz, test_bsz, started)
+    return (measured, *steps_for(run, measured, sources))
+
+
+def steps_for(run, measured, sources):
+    """The steps that fit what is left of the budget, as Measured, with --eval-interval's
+    validations: (steps, what capped them: "epochs", "draws" or None)."""
+    args = run.args
     left = budget_seconds(args.budget) * (1 - MARGIN) - measured.elapsed
     most = max(0, int((left - measured.test - measured.valid) / measured.step))
     ends, cut = ends_of(run, most, sources)
@@ -308,8 +325,24 @@ def settle(run, started, valid_bsz, test_bsz, sources):
     if ends and ends[-1] < most and not cut:
         capped = "epochs"  # a given --epochs ends before the time does
     limit = ends[-1] if capped else None
-    steps = fit(left, measured, ends, most=limit)
-    return measured, steps, capped if steps == limit else None
+    steps = fit(left, measured, ends, most=limit, interval=args.eval_interval)
+    return steps, capped if steps == limit else None
+
+
+def eval_points(run, measured, steps, rule, sources):
+    """The recipe's `rule` (points, share): --eval-interval set so that about `points`
+    validations fall within the steps, fewer when they would take more than `share` of the
+    budget; then the steps that fit with them. Returns (steps, capped)."""
+    points, share = rule
+    points = min(points, int(share * budget_seconds(run.args.budget) / max(measured.valid, 1e-9)))
+    if points < 2 or steps < points:
+        return steps_for(run, measured, sources)
+    sources["eval_interval"] = f"budget {run.args.budget}"
+    capped = None
+    for _ in range(3):  # the interval from the steps, the steps that fit with its validations
+        run.args.eval_interval = max(1, steps // points)
+        steps, capped = steps_for(run, measured, sources)
+    return steps, capped
 
 
 def epochs_of(run, steps):

@@ -33,7 +33,8 @@ RECIPES = {
 # What a --budget changes in a recipe (docs/small-models.md measures cpu-small's rule):
 # "size": the model by budget, [(up to SECONDS, flags), ...]; "regularise": by the epochs
 # the budget's steps cover (known once the step is measured), [(up to EPOCHS, flags), ...];
-# "cooldown": the share of the steps the cooldown takes.
+# "cooldown": the share of the steps the cooldown takes; "eval_points": (points, share) sets
+# --eval-interval to give about that many validations, within that share of the budget.
 CHEAP_DROPOUT = dict(dropout=0.1, dropouti=0.1, dropoute=0.1, wdrop=0.2, wdecay=0.1)
 MORE_DROPOUT = dict(dropout=0.2, dropouti=0.2, dropoute=0.1, wdrop=0.3, wdecay=0.1)
 BUDGET_RULES = {
@@ -41,7 +42,7 @@ BUDGET_RULES = {
     "paper-all-heads": dict(cooldown=0.2),
     "cpu-small": dict(size=[(200, {}), (math.inf, dict(emsize=256, nhid=512))],
                       regularise=[(5, {}), (12, CHEAP_DROPOUT), (math.inf, MORE_DROPOUT)],
-                      cooldown=0.5),
+                      cooldown=0.5, eval_points=(10, 0.1)),
 }
 MIN_TRUST = 0.25         # LAMB's trust-ratio floor in the paper's runs
 EVAL_BATCH_SIZE = 100    # validation uses min(this, --batch_size) columns
@@ -301,6 +302,12 @@ def build_parser():
                    help="training batches for dynamic evaluation's gradient statistics")
     g.add_argument("--log-interval", type=int, default=PAPER["log_interval"], metavar="N",
                    help="log every N batches")
+    g.add_argument("--eval-interval", type=int, default=None, metavar="N",
+                   help="also validate every N optimizer steps, each a point of the learning "
+                        "curve and a chance for the best checkpoint (the training is the same); "
+                        "None: at epoch ends only, as the original; with --budget and --recipe "
+                        "cpu-small the budget sets it, unless given, to about 10 points within "
+                        "10%% of its time")
     g.add_argument("--max-nonfinite", type=int, default=100,
                    help="stop after this many consecutive non-finite losses")
     g.add_argument("--tensorboard", default=None, metavar="DIR",
@@ -379,7 +386,7 @@ def check_args(args):
         raise InputError(f"--bptt must be at least 5 (the shortest sampled sequence), got {args.bptt}")
     minimum = {"--batch_size": 1, "--accumulate": 1, "--log-interval": 1, "--max-nonfinite": 1,
                "--warmup": 1, "--dyn-stat-batches": 1, "--epochs": 0, "--nonmono": 0,
-               "--cooldown": 0, "--max-steps": 1}
+               "--cooldown": 0, "--max-steps": 1, "--eval-interval": 1}
     for flag, least in minimum.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < least:
@@ -418,7 +425,7 @@ RUN_SETTINGS = ("recipe", "data", "unk", "bptt", "batch_size", "dropout", "dropo
                 "checkpoint_activations", "log_interval", "max_nonfinite", "save_interval",
                 "dyn_lr", "dyn_decay", "dyn_eps", "dyn_stat_batches")
 # How long it trains: taken from the checkpoint only together, when none of them is given.
-SCHEDULE = ("epochs", "max_steps", "cooldown", "budget")
+SCHEDULE = ("epochs", "max_steps", "cooldown", "budget", "eval_interval")
 # What a command says about itself rather than about the run: its files, what it does, the
 # machine and the display. --resume and --eval-only never take these from the checkpoint.
 OWN = ("save", "last", "run_dir", "tensorboard", "resume", "continue_from", "eval_only",

@@ -142,6 +142,13 @@ def train_epoch(run, progress):
                 plan = run.plan(progress)
         if update and (run.d.world == 1 or at_log):  # under torchrun: no syncs between logs
             stopping = decide(run, progress, meter, at_log, saves)
+        if (update and not stopping and args.eval_interval
+                and progress.steps % args.eval_interval == 0
+                and progress.batch < plan.epoch_batches):  # the epoch's end validates anyway
+            validate(run, progress, within_epoch=True)
+            run.model.train()
+            if run.pace:
+                run.pace.restart()
     if bar:
         bar.close()
     return not stopping
@@ -209,8 +216,9 @@ def keep_pace(run, progress):
     return True
 
 
-def validate(run, progress):
-    """Validation after an epoch: returns the loss, or None if stopped by a signal."""
+def validate(run, progress, within_epoch=False):
+    """Validation after an epoch (or `within_epoch`, --eval-interval): returns the loss, or
+    None if stopped by a signal."""
     bsz = eval_batch_size(run.args)
     bar = progress_bar(run, (run.val_data.shape[0] - 1) * bsz, "valid")
     with averaged_weights(run.model, run.step.optimizer):
@@ -220,8 +228,10 @@ def validate(run, progress):
             bar.close()
         if val_loss is None:
             return None
+        where = (f"| epoch {progress.epoch + 1:3d} | step {progress.steps:7,d}" if within_epoch
+                 else f"| end of epoch {progress.epoch + 1:3d}")
         run.log("-" * 89)
-        run.log(f"| end of epoch {progress.epoch + 1:3d} | time: {progress.epoch_time:5.2f}s | "
+        run.log(f"{where} | time: {progress.epoch_time:5.2f}s | "
                 f"valid loss {val_loss:5.2f} | valid ppl {safe_exp(val_loss):8.2f} | "
                 f"valid {run.unit} {val_loss / LOG2:8.3f}"
                 + run.limits.note(run.val_data, run.args.bptt))

@@ -304,6 +304,7 @@ def main_cases(w):
         "budget and max steps": ([*new, "--budget", "5min", "--max-steps", "10"], "--budget"),
         "budget shorter than the measurement": ([*new, "--budget", "0.001s"], "too short"),
         "budget negative, as its own word": ([*new, "--budget", "-5min"], "--budget"),
+        "eval interval 0": ([*new, "--eval-interval", "0"], "--eval-interval"),
         "budget without a value": ([*new, "--budget"], "--budget"),
         "budget beyond a year": ([*new, "--budget", "9" * 60 + "h"], "at most 8760h"),
         "budget overflowing a float": ([*new, "--budget", "9" * 400 + "h"], "at most 8760h"),

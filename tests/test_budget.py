@@ -365,3 +365,31 @@ def test_a_forecast_within_the_tolerance_keeps_the_plan():
     new = pace.replan(args, 0, 0.097 * 1.05, 0.0)
     steps = int(97.0 / (0.097 * 1.05))
     assert new["max_steps"] == steps and new["cooldown"] == round(0.2 * steps)
+
+
+def test_eval_interval_validations_are_paid_for():
+    measured = budget.Measured(step=0.1, valid=2.0, test=3.0)
+    # 80 steps (8 s), validations at 20, 40 (an epoch end too: counted twice, to be safe)
+    # and 60 and at step 80 (10 s... 5 of them), and the test (3 s): 21 s.
+    assert budget.cost(80, measured, [40, 160], interval=20) == pytest.approx(8 + 5 * 2 + 3)
+    # 30 steps more from step 50: the multiples 60 and 70 before step 80.
+    assert budget.cost(30, measured, [], interval=10, steps=50) == pytest.approx(3 + 3 * 2 + 3)
+    assert budget.fit(21.0, measured, [40, 160], interval=20) == 80
+
+
+def test_cpu_small_budget_validates_about_ten_times(corpus_dir, tmp_path, capsys, monkeypatch):
+    sim = Simulated(monkeypatch, chunk=0.0002)  # ten validations fit in 10% of the budget
+    code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
+                             *SMALL, "--recipe", "cpu-small", "--emsize", "16", "--nhid", "32",
+                             "--bptt", "16", "--batch_size", "4", "--mem-len", "32",
+                             "--threads", "1", "--budget", "1s")
+    assert code == 0, err
+    chosen = json.load(open(tmp_path / "b.run" / "args.json"))
+    interval, steps = chosen["eval_interval"], chosen["max_steps"]
+    assert steps // 10 - 5 <= interval <= steps // 10 + 5
+    assert f"a validation every {interval:,} steps" in out
+    valid = [json.loads(line) for line in open(tmp_path / "b.run" / "metrics.jsonl")
+             if '"valid"' in line]
+    assert 10 <= len(valid) <= 10 + chosen["epochs"]
+    assert {r["step"] for r in valid} >= {k * interval for k in range(1, 10)}
+    assert sim.now <= 1.0

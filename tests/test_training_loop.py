@@ -319,3 +319,26 @@ def test_the_plan_of_a_run_is_what_the_loop_does_and_draws_nothing():
                                  max_steps, limit)
         assert (plan.epoch_batches, plan.last_step) == expected, (rows, bptt, epochs, accumulate,
                                                                   max_steps, limit, epoch, i, batch, steps)
+
+
+def test_eval_interval_adds_points_to_the_curve_and_changes_no_weight(corpus_dir, tmp_path, capsys):
+    """--eval-interval 40: a validation every 40 optimizer steps as well as at the epoch ends,
+    each a metrics record and a chance for the best checkpoint; the training is the same."""
+    runs = {}
+    for name, extra in (("plain", []), ("every40", ["--eval-interval", "40"])):
+        code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / f"{name}.pt"),
+                                 *SMALL, "--epochs", "2", *extra)
+        assert code == 0, err
+        valid = [json.loads(line) for line in open(tmp_path / f"{name}.run" / "metrics.jsonl")
+                 if '"valid"' in line]
+        runs[name] = (torch.load(str(tmp_path / f"{name}.last.pt"), weights_only=True), valid, out)
+    plain, every = runs["plain"], runs["every40"]
+    for key, value in plain[0]["model"].items():
+        assert torch.equal(value, every[0]["model"][key]), key
+    steps = plain[0]["progress"]["steps"]
+    ends = {r["step"] for r in plain[1]}
+    within = {r["step"] for r in every[1]} - ends
+    assert within == {s for s in range(40, steps, 40)} - ends
+    assert len(within) >= 3 and f"| step {min(within):7,d} |" in every[2]
+    best = torch.load(str(tmp_path / "every40.pt"), weights_only=True)["metrics"]
+    assert best["valid_loss"] == min(r["valid_loss"] for r in every[1])
