@@ -208,11 +208,22 @@ class Pace:
     epochs_given: bool = False
     interval: int = None  # --eval-interval: its validations are paid for too
     samples: deque = field(default_factory=deque)  # (clock, steps) at recent log intervals
+    paused: float = None  # the clock when work besides training began (pause)
 
     def restart(self):
-        """Forget the samples: what comes next (after an evaluation or a checkpoint write,
-        or a re-plan) starts a new window."""
+        """After a re-plan: the window starts anew from the latest sample."""
+        latest = self.samples[-1]
         self.samples.clear()
+        self.samples.append(latest)
+
+    def pause(self):
+        """Work besides training begins (a validation, a checkpoint write)."""
+        self.paused = clock()
+
+    def resume(self):
+        """Training goes on: the time since pause() is left out of the window's step time."""
+        gap, self.paused = clock() - self.paused, None
+        self.samples = deque((t + gap, steps) for t, steps in self.samples)
 
     def sample(self, steps):
         """The clock at a log interval; the recent step time (None until the window holds

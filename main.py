@@ -18,6 +18,7 @@ import signal
 if __name__ == "__main__":  # a signal during the imports (seconds) waits for main()'s handlers
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
+import contextlib
 import os
 import shutil
 import sys
@@ -117,8 +118,6 @@ def train_epoch(run, progress):
     bar = progress_bar(run, (run.train_data.shape[0] - 1) * args.batch_size,
                        f"epoch {progress.epoch + 1}", progress.i * args.batch_size)
     run.model.train()
-    if run.pace:
-        run.pace.restart()  # the window holds training steps only
     started = time.time() - progress.epoch_time
     pending = None  # summed loss of the batches since the last optimizer step
     stopping = False
@@ -145,10 +144,9 @@ def train_epoch(run, progress):
         if (update and not stopping and args.eval_interval
                 and progress.steps % args.eval_interval == 0
                 and progress.batch < plan.epoch_batches):  # the epoch's end validates anyway
-            validate(run, progress, within_epoch=True)
+            with aside(run):
+                validate(run, progress, within_epoch=True)
             run.model.train()
-            if run.pace:
-                run.pace.restart()
     if bar:
         bar.close()
     return not stopping
@@ -178,11 +176,23 @@ def decide(run, progress, meter, at_log, saves):
                         f"{progress.epoch + 1}, batch {progress.batch}; stopping (try a lower "
                         f"--lr or --amp bf16)")
     if stopping or due:
-        ckpt.save_last(run, progress)
+        with aside(run):
+            ckpt.save_last(run, progress)
         saves.restart(progress.steps)
-        if run.pace:
-            run.pace.restart()
     return stopping
+
+
+@contextlib.contextmanager
+def aside(run):
+    """Work besides training (validations, checkpoint writes): kept out of the step times
+    by which --budget forecasts the run's end."""
+    if run.pace:
+        run.pace.pause()
+    try:
+        yield
+    finally:
+        if run.pace:
+            run.pace.resume()
 
 
 def keep_pace(run, progress):
@@ -276,14 +286,15 @@ def train(run, progress):
     while progress.epoch < run.limits.epochs:
         if not train_epoch(run, progress):
             return run.stop.agreed
-        try:
-            val_loss = validate(run, progress)
-        except ckpt.WriteFailed:  # the best could not be written: keep the epoch if possible
+        with aside(run):
+            try:
+                val_loss = validate(run, progress)
+            except ckpt.WriteFailed:  # the best could not be written: keep the epoch if possible
+                ckpt.save_last(run, progress)
+                raise
+            if val_loss is not None:
+                end_of_epoch(run, progress, val_loss)
             ckpt.save_last(run, progress)
-            raise
-        if val_loss is not None:
-            end_of_epoch(run, progress, val_loss)
-        ckpt.save_last(run, progress)
         if run.stop.agree(run.d, run.device):
             return run.stop.agreed
         if run.args.max_steps and progress.steps >= run.args.max_steps:

@@ -393,3 +393,20 @@ def test_cpu_small_budget_validates_about_ten_times(corpus_dir, tmp_path, capsys
     assert 10 <= len(valid) <= 10 + chosen["epochs"]
     assert {r["step"] for r in valid} >= {k * interval for k in range(1, 10)}
     assert sim.now <= 1.0
+
+
+def test_validations_and_checkpoint_writes_stay_out_of_the_step_time(monkeypatch):
+    """Log intervals of 10 steps a second, with a 30 s validation between two of them: the
+    step time is still 0.1 s, so a frequent --eval-interval leaves the forecast intact."""
+    now = [0.0]
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    pace = budget.Pace(1000.0, 0.0, budget.Measured(0.1, 1.0, 1.0), ends=[10**6])
+    for steps in (10, 20):
+        now[0] += 1.0
+        pace.sample(steps)
+    pace.pause()
+    now[0] += 30.0  # a validation
+    pace.resume()
+    now[0] += 1.0
+    recent, elapsed = pace.sample(30)
+    assert recent == pytest.approx(0.1) and elapsed == pytest.approx(33.0)
