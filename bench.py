@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gpu_check
-from checkpoint import build_model as build_sharnn, model_config
 from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
                    check_seed)
-from model import LN_EPS, autocast_dtype, gelu, lstm_dtype
+from model import LN_EPS, autocast_dtype, gelu, lstm_dtype, model_config
+from model import build_model as build_sharnn
 from runtime import amp_dtype, amp_mode, autocast, make_scaler, out_of_memory, pick_device
-from training import (build_optimizer, check_fits, device_memory, make_step, place_model,
-                      train_step)
+from schedule import Schedule
+from training import (Progress, build_optimizer, check_fits, device_memory, make_step,
+                      place_model, train_batch)
 
 LSTM_WEIGHTS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 
@@ -133,15 +134,16 @@ def build_model(args, device):
 # --- the real step -----------------------------------------------------------------------
 
 def model_train_step(step, lr):
-    """A closure `step(x, y) -> loss` running training.train_step (the step main.py runs)
-    with a Step at learning rate `lr`, carrying the LSTM states and memories from call to
-    call."""
-    hidden = mems = None
+    """A closure `step(x, y) -> loss` training one batch as main.py does (training.train_batch,
+    an optimizer step each batch) with a Step at the constant learning rate `lr`, carrying
+    the LSTM states and memories from call to call."""
+    progress, schedule = Progress(), Schedule(lr=lr, warmup=1, nominal=1)
 
     def run(x, y):
-        nonlocal hidden, mems
-        loss, hidden, mems, _, _ = train_step(step, x, y, hidden, mems, None, lr, True)
-        return loss
+        progress.i = progress.batch = 0  # each call trains a stream that holds one batch
+        source = torch.cat([x, y[-1:]])  # [T + 1, B]: y is x shifted by one
+        return train_batch(step, progress, schedule, source, x.shape[0], accumulate=1,
+                           batch_size=x.shape[1]).loss
 
     return run
 

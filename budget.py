@@ -1,12 +1,18 @@
 """--budget: the run ends when its time is up, whatever else the machine does meanwhile.
 
-Planning. The run times its own training step over its first steps (after a few that warm
-the allocator and caches) and one chunk of validation and of test, then sets --max-steps to
-the steps that fit in what is left of the budget once every validation (one per epoch end,
-one at the last step) and the final test are paid for, and --cooldown to its recipe's share
-of them. The budget counts from the process's start (imports included). The weights and
-random streams are then put back as they were, so that on a steady machine the run is
-exactly the run of `--max-steps N --cooldown M`.
+Planning (choose). The run times its own training step over its first steps (after a few
+that warm the allocator and caches) and one chunk of validation and of test, then chooses
+--max-steps, the steps that fit in what is left of the budget once every validation (one per
+epoch end, one at the last step, and --eval-interval's) and the final test are paid for;
+--cooldown, its recipe's share of them; --epochs, those the steps reach; and by the
+recipe's rule (flags.BUDGET_RULES) --eval-interval and the regularisation for the epochs
+of data the steps cover (--dropout, --dropouti, --dropoute, --wdrop, --wdecay), measuring
+again when that changes the step. The model's width by budget is the recipe's budget tier,
+set with the other flags before the model is built (flags.resolve_flags). A flag given on
+the command line is never chosen. main.py sets the choices (flags.assign). The budget counts
+from the process's start (imports included). The weights and random streams are then put
+back as they were, so that on a steady machine the run is exactly the run of
+`--max-steps N --cooldown M`.
 
 Pace. At each log interval the run forecasts its end from its recent step time (over the
 last 5% of the budget): training, the validations and the test still to come. When the
@@ -21,6 +27,7 @@ removes steps: a machine that gets faster ends early. Each re-plan is logged and
 keeping pace (its deadline was the first start's), ending at the same step.
 """
 
+import argparse
 import bisect
 import math
 import os
@@ -30,18 +37,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import get_batch
+import training
 from flags import InputError, budget_seconds, by_limit
 from runtime import agree
-from training import (epoch_batches, evaluate, lr_at, make_step, sample_seq_len, steps_in,
-                      train_step, twin)
+from schedule import MAX_PLANNED_BATCHES, Schedule, cooldown_after, epoch_ends, sample_seq_len
+from training import Progress, make_step, train_batch
 
 WARM, TIMED = 5, 20     # training steps: untimed, then timed
 MARGIN = 0.03           # of the budget: plans end this much before the deadline
 TOLERANCE = 0.01        # of the budget: how far past the deadline a forecast may end unplanned
 WINDOW = 0.05           # of the budget: the recent past whose step time a forecast uses
 MIN_SAMPLES = 3         # log intervals in the window before a forecast is made
-MAX_PLANNED_BATCHES = 2_000_000  # sequence lengths a plan may draw (about 2.5 s of planning)
 clock = time.perf_counter  # the tests give it a clock of their own
 
 
@@ -93,24 +99,21 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_steps(run):
-    """Seconds per optimizer step: TIMED training batches after WARM, as the epoch runs them."""
-    args, step = run.args, run.step
+def time_steps(run, args, step):
+    """Seconds per optimizer step: TIMED training batches after WARM, trained as the epoch
+    trains them (training.train_batch, at the run's warmup rates) with the flags `args`."""
     step.model.train()
-    hidden = mems = pending = None
-    i, start = 0, None
+    rows = run.train_data.shape[0]
+    progress, schedule, start = Progress(), Schedule.of(args, rows), None
     for n in range(WARM + TIMED):
         if n == WARM:
             synchronize(step.device)
             start = clock()
         seq_len = sample_seq_len(run.rng, args.bptt)
-        if i + seq_len >= run.train_data.shape[0] - 1:
-            i, hidden, mems = 0, None, None
-        x, y = get_batch(run.train_data, i, seq_len)
-        update = n % args.accumulate == 0
-        lr = lr_at(n + 1, n // args.accumulate + 1, args.lr, args.warmup)  # the run's warmup
-        _, hidden, mems, pending, _ = train_step(step, x, y, hidden, mems, pending, lr, update)
-        i += x.shape[0]
+        if progress.i + seq_len >= rows - 1:  # a short stream: start it again
+            progress.next_epoch()
+        train_batch(step, progress, schedule, run.train_data, seq_len, args.accumulate,
+                    args.batch_size)
     synchronize(step.device)
     return (clock() - start) / TIMED * args.accumulate
 
@@ -118,40 +121,26 @@ def time_steps(run):
 def time_evaluation(run, source, bsz):
     """Seconds for a whole evaluation of `source`, from the time of its second chunk."""
     chunks = len(range(0, source.shape[0] - 1, run.args.bptt))
-    evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=1)
+    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=1)
     synchronize(run.device)
     start = clock()
-    evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=2)
+    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=2)
     synchronize(run.device)
     return (clock() - start) / 2 * chunks  # two chunks timed (the first runs again)
 
 
-def measure(run, valid_bsz, test_bsz, started):
-    """The Measured times of a run's step and evaluations, and the time since `started`,
-    agreed by the ranks (each the slowest rank's), so that every rank fixes the same steps;
-    with the weights and random streams restored and a fresh optimizer afterwards."""
+def measure(run, args, valid_bsz, test_bsz, started):
+    """The Measured times of a run's step (with the flags `args`, by an optimizer of its
+    own) and evaluations, and the time since `started`, agreed by the ranks (each the
+    slowest rank's), so that every rank fixes the same steps; the weights and random
+    streams are put back afterwards."""
     state = snapshot(run.model, run.rng)
-    times = (time_steps(run), time_evaluation(run, run.val_data, valid_bsz),
+    run.model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
+    step = make_step(run.model, args, run.device, net=run.step.net)
+    times = (time_steps(run, args, step), time_evaluation(run, run.val_data, valid_bsz),
              time_evaluation(run, run.test_data, test_bsz))
     restore(run.model, run.rng, state)
-    run.step = make_step(run.model, run.args, run.device, net=run.step.net)
     return Measured(*agree(run.d, run.device, *times, clock() - started))
-
-
-def epoch_ends(rng, rows, bptt, accumulate, upto, epochs=None):
-    """The optimizer steps at which the run's epochs end, from its start, up to the first
-    end at or past step `upto` (at most `epochs` of them), drawing the sequence lengths from
-    a twin of `rng`, and at most MAX_PLANNED_BATCHES of them: (ends, True when the draws ran
-    out first). Each epoch's length depends on its draws, so the walk is the only exact way;
-    the cap bounds it whatever the budget."""
-    rng, ends, drawn = twin(rng), [], 0
-    while (not ends or ends[-1] < upto) and (epochs is None or len(ends) < epochs):
-        if drawn > MAX_PLANNED_BATCHES:
-            return ends, True
-        batches = epoch_batches(rng, 0, rows, bptt)
-        drawn += batches
-        ends.append((ends[-1] if ends else 0) + steps_in(0, batches, accumulate))
-    return ends, False
 
 
 def cost(n, measured, ends, interval=None, steps=0):
@@ -177,22 +166,6 @@ def fit(seconds, measured, ends, most=None, interval=None, steps=0):
         fits = cost(middle, measured, ends, interval, steps) <= seconds
         low, high = (middle, high) if fits else (low, middle - 1)
     return low
-
-
-def cooldown_after(steps, last, cooldown, new_last, share):
-    """The --cooldown of a plan whose last step moves from `last` to `new_last` after
-    `steps` steps: the recipe's `share` of the new steps (or the given `cooldown`, `share`
-    None) when the cooldown has not begun and still fits; else the length over which the
-    rate goes on from where it stands to 0 at `new_last` (possibly fractional: no jump)."""
-    if not cooldown:
-        return cooldown
-    factor = min(1.0, (last - steps) / cooldown)  # of the rate, at the last step taken
-    if factor >= 1.0:
-        planned = cooldown if share is None else round(share * new_last)
-        if new_last - steps >= planned:
-            return planned
-    length = (new_last - steps) / factor
-    return int(length) if length == int(length) else length
 
 
 @dataclass
@@ -261,44 +234,49 @@ class Pace:
                     forecast=forecast, epochs=epochs)
 
 
-def apply(run, started, valid_bsz, test_bsz, rule, sources):
-    """Measure, then set the run's --max-steps, --cooldown and --epochs so that it ends
+def choose(run, started, valid_bsz, test_bsz, rule, given):
+    """Measure, then choose the run's --max-steps, --cooldown and --epochs so that it ends
     within --budget, counted from `started` (the clock when the process began), by its
-    recipe's `rule` (flags.BUDGET_RULES): the cooldown's share of the steps, and the
-    regularisation for the epochs they cover (measuring again when it changes the step).
-    Flags given on the command line are kept; a given --epochs caps the steps. Returns the
-    line that says so and the run's Pace."""
-    args = run.args
-    measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
-    if "eval_points" in rule and sources.get("eval_interval") != "given":
-        steps, capped = eval_points(run, measured, steps, rule["eval_points"], sources)
-    regularise = {k: v for k, v in by_limit(rule.get("regularise", []), epochs_of(run, steps)).items()
-                  if sources.get(k) != "given" and getattr(args, k) != v}
+    recipe's `rule` (flags.BUDGET_RULES): the cooldown's share of the steps, --eval-interval
+    (eval_points), and the regularisation for the epochs the steps cover (measuring again
+    when it changes the step). Flags in `given` (typed on the command line) are not chosen;
+    a given --epochs caps the steps. The run's flags are left as they are (the measurement
+    trains with a copy that holds the choices so far). Returns ({flag: value} chosen, which
+    flags.assign sets; the line that says so; the run's Pace)."""
+    args, chosen = argparse.Namespace(**vars(run.args)), {}
+
+    def take(values):
+        chosen.update(values)
+        vars(args).update(values)
+
+    measured = measure(run, args, valid_bsz, test_bsz, started)
+    steps, capped = steps_for(run, args, measured, given)
+    if "eval_points" in rule and "eval_interval" not in given:
+        steps, capped = eval_points(run, args, measured, steps, rule["eval_points"], given, take)
+    regularise = {k: v for k, v in by_limit(rule.get("regularise", []),
+                                            epochs_of(run, args, steps)).items()
+                  if k not in given and getattr(args, k) != v}
     if regularise:
-        for key, value in regularise.items():
-            setattr(args, key, value)
-            sources[key] = f"budget {args.budget}"
-        run.model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
-        measured, steps, capped = settle(run, started, valid_bsz, test_bsz, sources)
-        if "eval_points" in rule and sources.get("eval_interval") != "given":
-            steps, capped = eval_points(run, measured, steps, rule["eval_points"], sources)
+        take(regularise)
+        measured = measure(run, args, valid_bsz, test_bsz, started)
+        steps, capped = steps_for(run, args, measured, given)
+        if "eval_points" in rule and "eval_interval" not in given:
+            steps, capped = eval_points(run, args, measured, steps, rule["eval_points"], given,
+                                        take)
     if steps < 1:
         raise InputError(f"--budget {args.budget} is too short: setting up and measuring took "
                          f"{measured.elapsed:.0f} s, and a validation and the test need "
                          f"{measured.valid + measured.test:.0f} s more; give a longer --budget")
-    ends = ends_of(run, steps, sources)[0]
-    args.max_steps = steps
-    sources["max_steps"] = f"budget {args.budget}"
-    share = None if sources.get("cooldown") == "given" else rule.get("cooldown", 0)
+    ends = ends_of(run, args, steps, given)[0]
+    take({"max_steps": steps})
+    share = None if "cooldown" in given else rule.get("cooldown", 0)
     if share is not None:
-        args.cooldown = round(share * steps) or None
-        sources["cooldown"] = f"budget {args.budget}"
+        take({"cooldown": round(share * steps) or None})
     epochs = bisect.bisect_left(ends, steps) + 1
-    if sources.get("epochs") != "given":
-        args.epochs = epochs
-        sources["epochs"] = f"budget {args.budget}"
+    if "epochs" not in given:
+        take({"epochs": epochs})
     pace = Pace(budget_seconds(args.budget), started, measured, ends, share,
-                epochs_given=sources.get("epochs") == "given", interval=args.eval_interval)
+                epochs_given="epochs" in given, interval=args.eval_interval)
     line = (f"Budget {args.budget}: {steps:,} optimizer steps of {1000 * measured.step:,.1f} ms "
             f"(measured over {TIMED} steps), over {epochs} epoch(s), cooldown "
             f"{args.cooldown or 0:,} steps; {math.ceil(measured.valid):,} s per validation, "
@@ -306,32 +284,23 @@ def apply(run, started, valid_bsz, test_bsz, rule, sources):
             + (f"; a validation every {args.eval_interval:,} steps" if args.eval_interval else "")
             + (f"; --epochs {args.epochs} ends it sooner" if capped == "epochs" else "")
             + (f"; planning stops at {MAX_PLANNED_BATCHES:,} batches" if capped == "draws" else "")
-            + (f"; for {epochs_of(run, steps):.1f} epochs of data: "
+            + (f"; for {epochs_of(run, args, steps):.1f} epochs of data: "
                + ", ".join(f"--{k} {v}" for k, v in regularise.items()) if regularise else ""))
-    return line, pace
+    return chosen, line, pace
 
 
-def ends_of(run, upto, sources):
+def ends_of(run, args, upto, given):
     """epoch_ends of the run up to step `upto`, at most --epochs of them when given."""
-    args = run.args
-    epochs = args.epochs if sources.get("epochs") == "given" else None
+    epochs = args.epochs if "epochs" in given else None
     return epoch_ends(run.rng, run.train_data.shape[0], args.bptt, args.accumulate, upto, epochs)
 
 
-def settle(run, started, valid_bsz, test_bsz, sources):
-    """Measure the run as it now is, and the steps that fit what is left of its budget:
-    (Measured, steps, what capped them: "epochs", "draws" or None)."""
-    measured = measure(run, valid_bsz, test_bsz, started)
-    return (measured, *steps_for(run, measured, sources))
-
-
-def steps_for(run, measured, sources):
+def steps_for(run, args, measured, given):
     """The steps that fit what is left of the budget, as Measured, with --eval-interval's
     validations: (steps, what capped them: "epochs", "draws" or None)."""
-    args = run.args
     left = budget_seconds(args.budget) * (1 - MARGIN) - measured.elapsed
     most = max(0, int((left - measured.test - measured.valid) / measured.step))
-    ends, cut = ends_of(run, most, sources)
+    ends, cut = ends_of(run, args, most, given)
     capped = "draws" if cut else None
     if ends and ends[-1] < most and not cut:
         capped = "epochs"  # a given --epochs ends before the time does
@@ -340,22 +309,21 @@ def steps_for(run, measured, sources):
     return steps, capped if steps == limit else None
 
 
-def eval_points(run, measured, steps, rule, sources):
-    """The recipe's `rule` (points, share): --eval-interval set so that about `points`
-    validations fall within the steps, fewer when they would take more than `share` of the
-    budget; then the steps that fit with them. Returns (steps, capped)."""
+def eval_points(run, args, measured, steps, rule, given, take):
+    """The recipe's `rule` (points, share): --eval-interval chosen (`take`) so that about
+    `points` validations fall within the steps, fewer when they would take more than
+    `share` of the budget; then the steps that fit with them. Returns (steps, capped)."""
     points, share = rule
-    points = min(points, int(share * budget_seconds(run.args.budget) / max(measured.valid, 1e-9)))
+    points = min(points, int(share * budget_seconds(args.budget) / max(measured.valid, 1e-9)))
     if points < 2 or steps < points:
-        return steps_for(run, measured, sources)
-    sources["eval_interval"] = f"budget {run.args.budget}"
+        return steps_for(run, args, measured, given)
     capped = None
     for _ in range(3):  # the interval from the steps, the steps that fit with its validations
-        run.args.eval_interval = max(1, steps // points)
-        steps, capped = steps_for(run, measured, sources)
+        take({"eval_interval": max(1, steps // points)})
+        steps, capped = steps_for(run, args, measured, given)
     return steps, capped
 
 
-def epochs_of(run, steps):
+def epochs_of(run, args, steps):
     """How many times `steps` optimizer steps go through the training data."""
-    return steps * run.args.accumulate * run.args.bptt / run.train_data.shape[0]
+    return steps * args.accumulate * args.bptt / run.train_data.shape[0]

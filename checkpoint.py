@@ -1,5 +1,7 @@
-"""Checkpoints: the format, safe writing and loading (every field checked), the model a
-checkpoint describes, where a run stands (Progress) with its random and carried state.
+"""Checkpoints: the format, safe writing and loading (every field checked), a run's start
+from a checkpoint (its progress, optimizer, random and carried state), and a converter for
+the original's pickled files. The model a checkpoint describes is built in model.py, where
+a run stands (Progress) is kept in training.py.
 
 A checkpoint is a dict of state_dicts plus the config, read with torch.load(weights_only=True):
 
@@ -19,10 +21,8 @@ and the last checkpoint (--last, SAVE.last.pt), from which --continue goes on ex
     rng       numpy_key [624] int64, numpy_pos, numpy_has_gauss, numpy_gauss (the sequence
               lengths' numpy stream), torch, cuda (None without CUDA), and under torchrun
               ranks: every rank's {torch, cuda}
-    progress  epoch (0-based), i (stream position), batch, tokens, steps, best_val,
-              val_history, optimizer_name, epoch_time (seconds into the epoch), tested
-              (the final test of a finished run was reported), replans (--budget's changes
-              of plan: step, old_last, max_steps, cooldown, epochs, step_time, ...)
+    progress  where training stands: the fields of training.Progress but its carried state
+              (epoch, stream position, steps, best_val, --budget's replans, ...)
 check_fields lists the types; a model folder (modelfolder.py) holds the same fields of a
 best checkpoint as model.safetensors and config.json.
 """
@@ -32,23 +32,22 @@ import pickle
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import MODEL_FLAGS, InputError, Parser, check_checkpoint_name, check_recorded
+from flags import InputError, Parser, check_checkpoint_name, check_recorded
 from outputs import Output, claim, script_command
-from model import SHARNN, attention_blocks, attn_layers_in
-from runtime import agree, gather_columns, out_of_memory
+from model import SHARNN, attn_layers_in
+from runtime import agree, gather_columns
+from training import Carry, Progress
 from utils import LOG2, atomic_save, say
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
+VERSION = 1         # of the format: a checkpoint of a newer version is refused on load
 
-# Used when --adaptive-softmax is given without --cutoffs (AWD-LSTM's splits).
-DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000], 0: [2000, 10000]}
 
 
 # --- files -------------------------------------------------------------------------------
@@ -116,12 +115,17 @@ LAST = {"optimizer": dict, "carry": (dict, type(None)), "rng": dict, "progress":
 OPTIONAL = {"corpus": (dict, type(None)), "scaler": dict}  # absent from older checkpoints
 CONFIG = {"ntoken": int, "ninp": int, "nhid": int, "nlayers": int, "attn_layers": list,
           "heads": int, "mem_len": int, "cutoffs": (list, type(None))}
-PROGRESS = {"epoch": int, "i": int, "batch": int, "tokens": int, "steps": int,
-            "best_val": NUMBER, "val_history": list, "optimizer_name": str,
-            "epoch_time": NUMBER}
+
+
+def field_types(types):
+    """{name: type} as check_dict takes them: a float field takes an int too."""
+    return {name: NUMBER if kind is float else kind for name, kind in types.items()}
+
+
+PROGRESS = field_types(Progress.saved_fields(newer=False))  # training.Progress's fields
+PROGRESS_OPTIONAL = field_types(Progress.saved_fields(newer=True))  # absent from older ones
 RNG = {"numpy_key": torch.Tensor, "numpy_pos": int, "numpy_has_gauss": int,
        "numpy_gauss": NUMBER, "torch": torch.Tensor, "cuda": (torch.Tensor, type(None))}
-PROGRESS_OPTIONAL = {"tested": bool, "replans": list}  # absent from older checkpoints
 METRICS = {key: NUMBER for key in ("valid_loss", "valid_bpc", "epoch", "steps", "tokens",
                                    "test_loss", "test_bpc", "best_valid_loss")}  # each optional
 RNG_OPTIONAL = {"ranks": list}  # every rank's torch states, from a torchrun run
@@ -150,9 +154,12 @@ def check_fields(ckpt, path):
     the LAST fields too) its progress, random state, carried state and optimizer state."""
     last = any(key in ckpt for key in LAST)
     check_dict(ckpt, dict(BEST, **LAST) if last else BEST, "", path, OPTIONAL)
-    if ckpt["version"] != 1:
-        raise InputError(f"checkpoint {path}: version {ckpt['version']} is not 1, the one this "
-                         f"code reads")
+    if ckpt["version"] > VERSION:
+        raise InputError(f"checkpoint {path}: version {ckpt['version']} was written by a newer "
+                         f"sha-rnn than this one (which reads version {VERSION}); update it")
+    if ckpt["version"] != VERSION:
+        raise InputError(f"checkpoint {path}: version {ckpt['version']} is not {VERSION}, the "
+                         f"one this code reads")
     check_dict(ckpt["config"], CONFIG, "config.", path)
     config = ckpt["config"]
     try:
@@ -233,81 +240,6 @@ def all_finite(module):
     return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
 
 
-# --- the model a checkpoint describes ---------------------------------------------------
-
-def default_cutoffs(ntokens):
-    """AWD-LSTM's adaptive softmax splits for a vocabulary of this size."""
-    cuts = next(c for n, c in DEFAULT_CUTOFFS.items() if ntokens > n)
-    cuts = [c for c in cuts if c < ntokens]
-    if not cuts:
-        raise InputError(f"give --cutoffs for a vocabulary of {ntokens} tokens")
-    return cuts
-
-
-def model_config(args, ntokens, saved=None, byte_level=True):
-    """The SHARNN keyword arguments of the flags. With `saved` (a checkpoint's config, whose
-    values are the flags' defaults after `flags_from`), a flag whose value differs from it
-    was given on the command line and contradicts the checkpoint: an error."""
-    if args.adaptive_softmax and byte_level:
-        raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
-                         "byte-level and keeps the plain softmax")
-    config = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
-                  attn_layers=attention_blocks(args.attn_layers, args.nlayers), heads=args.heads,
-                  mem_len=args.mem_len,
-                  cutoffs=(args.cutoffs or default_cutoffs(ntokens)) if args.adaptive_softmax
-                  else None)
-    if saved is None:
-        return config
-    if saved["ntoken"] != ntokens:
-        raise InputError(f"the checkpoint has {saved['ntoken']} tokens, the data {args.data} "
-                         f"has {ntokens}")
-    if args.adaptive_softmax != (saved["cutoffs"] is not None):
-        raise InputError(f"--adaptive-softmax contradicts the checkpoint, which has the "
-                         f"{'adaptive' if saved['cutoffs'] else 'plain'} softmax; drop the flag "
-                         f"to use the checkpoint's")
-    for flag, key in MODEL_FLAGS.items():
-        if config[key] != saved[key]:
-            raise InputError(f"--{flag.replace('_', '-')} {flag_text(getattr(args, flag))} "
-                             f"contradicts the checkpoint's {key}={saved[key]}; drop the flag to "
-                             f"use the checkpoint's")
-    return dict(saved)
-
-
-def flag_text(value):
-    return ",".join(map(str, value)) if isinstance(value, list) else value
-
-
-def build_model(config, args, **extra):
-    """The SHARNN of a config with the flags' dropouts (and `extra` keyword arguments);
-    a config the model refuses, or a model beyond memory, is an InputError."""
-    kwargs = dict(config, dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti,
-                  dropoute=args.dropoute, wdrop=args.wdrop, **extra)
-    try:
-        return SHARNN(**kwargs)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    except RuntimeError as e:
-        if not out_of_memory(e):
-            raise
-        with torch.device("meta"):  # count without allocating
-            n = sum(p.numel() for p in SHARNN(**kwargs).parameters())
-        raise InputError(f"the model does not fit in memory: {n:,} parameters, "
-                         f"{4 * n / 2**30:,.1f} GiB of float32 weights alone") from None
-
-
-def model_from_checkpoint(ckpt, **kwargs):
-    """The SHARNN of a checkpoint of this project (its config and weights), on the CPU."""
-    if ckpt.get("kind") != "sha-rnn":
-        raise InputError("this needs a checkpoint written by main.py (with its config and "
-                         "vocabulary), not a bare state_dict")
-    model = SHARNN(**ckpt["config"], **kwargs)
-    try:
-        model.load_strict(ckpt["model"])
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    return model
-
-
 # --- flags from a checkpoint ------------------------------------------------------------
 
 def load_start(args):
@@ -323,62 +255,7 @@ def load_start(args):
     return None
 
 
-def model_for(args, start, corpus):
-    """The model of the flags (which hold a start checkpoint's architecture unless given
-    anew) with the checkpoint's weights loaded; returns (model, config)."""
-    ntokens = len(corpus.dictionary)
-    if start is not None and start["kind"] == "sha-rnn":
-        if start["vocab"] != corpus.dictionary.idx2word:
-            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
-                             f"from that of {args.data} ({ntokens} tokens)")
-        config = model_config(args, ntokens, start["config"], corpus.byte_level)
-    else:
-        config = model_config(args, ntokens, byte_level=corpus.byte_level)
-    if start is not None and start["kind"] == "state_dict":
-        rows = start["model"]["encoder.weight"].shape[0]
-        if rows != ntokens:
-            raise InputError(f"the weights have {rows} tokens, the data {args.data} has {ntokens}")
-    model = build_model(config, args)
-    try:
-        if start is not None and start["kind"] == "state_dict":
-            model.load_original_state_dict(start["model"])
-        elif start is not None:
-            model.load_strict(start["model"])
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    return model, config
-
-
 # --- where a run stands ------------------------------------------------------------------
-
-@dataclass
-class Progress:
-    """Where training stands; everything here goes into the last checkpoint."""
-    epoch: int = 0          # 0-based epoch in progress (or next to start)
-    i: int = 0              # position in the batchified train stream
-    batch: int = 0          # batches done in this epoch
-    tokens: int = 0         # training tokens seen, all ranks
-    steps: int = 0          # optimizer steps taken
-    best_val: float = float("inf")
-    val_history: list = field(default_factory=list)
-    optimizer_name: str = "lamb"
-    epoch_time: float = 0.0  # seconds spent on the current epoch so far
-    tested: bool = False    # the final test of a finished run was reported
-    replans: list = field(default_factory=list)  # --budget's re-plans (main.keep_pace)
-    hidden: list = None     # carried LSTM states, this rank's columns (not saved as such)
-    mems: list = None       # carried attention memories, this rank's columns
-
-    SAVED = ("epoch", "i", "batch", "tokens", "steps", "best_val", "val_history",
-             "optimizer_name", "epoch_time", "tested", "replans")
-
-    def advance(self, rows, tokens, step):
-        """Count a batch of `rows` stream positions and `tokens` tokens (all ranks), and
-        its optimizer step if it took one."""
-        self.i += rows
-        self.batch += 1
-        self.steps += step
-        self.tokens += tokens
-
 
 def best_to_beat(start, args, save, fingerprint):
     """The validation loss a new run's first best checkpoint must beat: that of the
@@ -397,11 +274,12 @@ def best_to_beat(start, args, save, fingerprint):
 
 def carried_state(progress, d):
     """The carried LSTM states and memories of the whole batch (gathered across ranks)."""
-    if progress.hidden is None:
+    carry = progress.carry
+    if carry.hidden is None:
         return None
     return {"hidden": [None if h is None else [gather_columns(x, d).cpu() for x in h]
-                       for h in progress.hidden],
-            "mems": [None if m is None else gather_columns(m, d).cpu() for m in progress.mems]}
+                       for h in carry.hidden],
+            "mems": [None if m is None else gather_columns(m, d).cpu() for m in carry.mems]}
 
 
 def progress_from(start, args, d, device, rows):
@@ -420,9 +298,10 @@ def progress_from(start, args, d, device, rows):
                          f"the run {args.batch_size}")
     if carry is not None:
         cols = d.share(args.batch_size)
-        progress.hidden = [None if h is None else tuple(x[:, cols].to(device) for x in h)
-                           for h in carry["hidden"]]
-        progress.mems = [None if m is None else m[:, cols].to(device) for m in carry["mems"]]
+        progress.carry = Carry(
+            hidden=[None if h is None else tuple(x[:, cols].to(device) for x in h)
+                    for h in carry["hidden"]],
+            mems=[None if m is None else m[:, cols].to(device) for m in carry["mems"]])
     return progress
 
 
@@ -470,7 +349,7 @@ def restore_rng(rng, state, d):
 # --- writing -----------------------------------------------------------------------------
 
 def base_checkpoint(run, metrics):
-    return {"format": FORMAT, "version": 1, "model": run.model.state_dict(), "config": run.config,
+    return {"format": FORMAT, "version": VERSION, "model": run.model.state_dict(), "config": run.config,
             "vocab": list(run.vocab), "metrics": metrics, "args": vars(run.args).copy(),
             "corpus": run.fingerprint}
 
@@ -538,7 +417,7 @@ def save_last(run, progress):
     def make():
         ckpt = base_checkpoint(run, {"best_valid_loss": progress.best_val})
         ckpt.update(optimizer=run.step.optimizer.state_dict(), scaler=run.step.scaler.state_dict(),
-                    carry=carry, rng=rng, progress={k: getattr(progress, k) for k in Progress.SAVED})
+                    carry=carry, rng=rng, progress=progress.saved())
         return ckpt
 
     if not write_collectively(run, make, run.paths["last"]):

@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 
 import modelfolder
-from checkpoint import first_line, load_checkpoint, model_from_checkpoint
+from checkpoint import first_line, load_checkpoint
+from model import model_from_checkpoint
 from flags import InputError, Parser
 from outputs import Output, checkpoint_inputs, claim
 from utils import say

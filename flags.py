@@ -3,6 +3,21 @@ error type for bad input. No torch here, so that light scripts (plot.py) can use
 
 The paper's enwik8 first pass is the default of every flag: `PAPER` below is the one place
 where those numbers live. docs/model.md describes what they control.
+
+How a flag gets its value, highest first (each value with its source, shown on the run's
+Settings line); `assign` is the one function that sets a value other than the one typed or
+the default:
+  1. given: typed on the command line (a --dry-run's log interval alone overrides it);
+  2. budget: what --budget measured and chose (budget.choose: --max-steps, --cooldown,
+     --epochs, and a recipe's --eval-interval and regularisation), set once the model is
+     built and its step timed; a re-plan while training then moves --max-steps, --cooldown
+     and --epochs, given or not (the deadline wins);
+  3. recipe: --recipe's flags, with its budget tier (BUDGET_RULES "size") under --budget;
+     never the model's size when a checkpoint gives it, and nothing on --continue;
+  4. checkpoint: the start checkpoint's (flags_from): every flag on --continue; the model,
+     RUN_SETTINGS and (unless one of them is given) SCHEDULE on --resume and --eval-only;
+  5. default: the paper's (PAPER) or the flag's own.
+resolve_flags applies 1, 3, 4 and 5 before anything is loaded; main.py applies 2.
 """
 
 import argparse
@@ -259,8 +274,9 @@ def build_parser():
                         "are planned from the step measured at the start and cut when the "
                         "machine slows down; sets --max-steps, --epochs and --cooldown (the "
                         "recipe's share of the steps) unless given, and with a recipe its "
-                        "size and regularisation rules (flags.BUDGET_RULES); a given --epochs "
-                        "caps the steps")
+                        "rules (flags.BUDGET_RULES): cpu-small's width (--emsize, --nhid), "
+                        "regularisation (--dropout, --dropouti, --dropoute, --wdrop, "
+                        "--wdecay) and --eval-interval; a given --epochs caps the steps")
     g.add_argument("--batch_size", "--batch-size", type=int, default=PAPER["batch_size"], metavar="N",
                    help="training batch size (global, split across torchrun ranks)")
     g.add_argument("--bptt", type=int, default=PAPER["bptt"], help="sequence length")
@@ -329,12 +345,9 @@ def eval_batch_size(args):
     return min(EVAL_BATCH_SIZE, args.batch_size)
 
 
-def parse_args(argv=None, saved=None):
-    """The flags of `argv`; flags not given take the values of `saved` (a dict of flag
-    destinations, e.g. the flags of a checkpoint) where it has them, else the defaults."""
+def parse_args(argv=None):
+    """The flags of `argv`; flags not given take their defaults."""
     parser = build_parser()
-    if saved:
-        parser.set_defaults(**saved)
     argv = sys.argv[1:] if argv is None else argv
     for flag, value in zip(argv, [*argv[1:], None]):
         if flag == "--budget" and (value is None or value.startswith("-")):  # argparse: an option
@@ -601,6 +614,17 @@ def changed_flags(args, saved):
             if hasattr(args, k) and getattr(args, k) != v]
 
 
+def assign(args, sources, values, source, over_given=False):
+    """Set each flag of `values` (destinations) with its source (e.g. "checkpoint"), except
+    those given on the command line unless `over_given`: the one place where a flag takes a
+    value other than the one typed or its default (the order of calls is the precedence at
+    the top of this file: a later call wins)."""
+    for key, value in values.items():
+        if over_given or sources.get(key) != "given":
+            setattr(args, key, value)
+            sources[key] = source
+
+
 def resolve_flags(argv, load_start):
     """The flags, then the checkpoint to start from (`load_start(args)`, checkpoint.py);
     flags not given take, in this order, a --recipe's values (with --budget, its budget's;
@@ -619,13 +643,12 @@ def resolve_flags(argv, load_start):
         recipe = {**recipe, **budget_recipe(args.recipe, args.budget)}
     recipe = {k: v for k, v in recipe.items() if not (k in MODEL_FLAGS and k in saved)}  # a
     # checkpoint's model is its own: a recipe sets how it trains
+    sources = {k: "given" for k in given}
+    assign(args, sources, saved, "checkpoint")
+    assign(args, sources, recipe, f"recipe {args.recipe}")
     if saved or recipe:
-        args = parse_args(argv, {**saved, **recipe})
         check_args(args)
     check_model_flags(args)
-    sources = {k: "checkpoint" for k in saved}
-    sources.update({k: f"recipe {args.recipe}" for k in recipe})
-    sources.update({k: "given" for k in given})
     if args.dry_run:
         args.log_interval = DRY_RUN["log_interval"]
         sources["log_interval"] = "dry run"

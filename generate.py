@@ -20,7 +20,8 @@ import sys
 import torch
 
 from data import decode_tokens, is_byte_vocabulary
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint
+from model import model_from_checkpoint
 from flags import InputError, Parser, add_tf32_flag, add_threads_flag, check_seed
 from runtime import autocast, pick_device
 from tokens import EOS, NEWLINE, UNK

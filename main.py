@@ -33,15 +33,18 @@ from tqdm import tqdm
 
 import budget
 import checkpoint as ckpt
+import data
 import outputs
-from data import Corpus, corpus_files, get_batch
+import training
+from data import corpus_files
 from dyneval import dynamic_evaluate
-from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, eval_batch_size, launched_rank,
-                   resolve_flags, settings_line)
+from model import model_for
+from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, assign, eval_batch_size,
+                   launched_rank, resolve_flags, settings_line)
 from runtime import Dist, Stop, agree, amp_mode, leave, pick_device, setup_distributed
+from schedule import Schedule, plan_run, sample_seq_len
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
-                      check_fits, device_data, distributed, evaluate, lr_at, make_step,
-                      place_model, plan_run, sample_seq_len, train_step)
+                      check_fits, device_data, distributed, make_step, place_model, train_batch)
 from utils import LOG2, RunLog, append_json_line, environment, safe_exp, write_json
 
 
@@ -62,7 +65,6 @@ class Run:
     rng: np.random.RandomState  # the sequence lengths, the same on every rank
     stop: Stop
     paths: dict     # save, last, run_dir
-    limits: Limits
     fingerprint: dict  # {split: SHA-256} of the corpus, kept in checkpoints
     sources: dict = None  # {flag: where its value came from}, for the Settings line
     budget_note: str = None  # what --budget measured and chose
@@ -82,17 +84,19 @@ class Run:
         """This process's signal flag, for loops that can stop on their own (one process)."""
         return self.stop if self.d.world == 1 else None
 
-    def plan(self, progress):
-        return plan_run(self.rng, progress.epoch, progress.i, progress.batch, progress.steps,
-                        self.train_data.shape[0], self.args.bptt, self.limits.epochs,
-                        self.args.accumulate, self.args.max_steps, self.limits.train_batches)
+    @property
+    def limits(self):
+        return Limits.of(self.args)
 
-    def lr(self, progress, last_step):
-        """The learning rate of the next batch (training.lr_at)."""
-        nominal = self.train_data.shape[0] // self.args.bptt  # the original's batches per epoch
-        return lr_at(progress.epoch * nominal + progress.batch + 1, progress.steps + 1,
-                     self.args.lr, self.args.warmup, progress.epoch, self.args.when,
-                     self.args.cooldown, last_step)
+    def plan(self, progress):
+        """Where the epoch in progress ends and the run's last step (schedule.plan_run), and
+        the Schedule of the rates up to it."""
+        rows = self.train_data.shape[0]
+        plan = plan_run(self.rng, epoch=progress.epoch, i=progress.i, batch=progress.batch,
+                        steps=progress.steps, rows=rows, bptt=self.args.bptt,
+                        epochs=self.limits.epochs, accumulate=self.args.accumulate,
+                        max_steps=self.args.max_steps, batch_limit=self.limits.train_batches)
+        return plan, Schedule.of(self.args, rows, plan.last_step)
 
 
 def progress_bar(run, total, desc, done=0):
@@ -113,32 +117,26 @@ class NonFinite(RuntimeError):
 def train_epoch(run, progress):
     """Train to the end of the epoch (True) or to a stop the ranks agreed on (False)."""
     args = run.args
-    plan = run.plan(progress)  # where the epoch ends, and the run's last optimizer step
+    plan, schedule = run.plan(progress)  # where the epoch ends, the rates up to the last step
     meter, saves = Meter(run.device), SaveTimer(args.save_interval, progress.steps)
     bar = progress_bar(run, (run.train_data.shape[0] - 1) * args.batch_size,
                        f"epoch {progress.epoch + 1}", progress.i * args.batch_size)
     run.model.train()
     started = time.time() - progress.epoch_time
-    pending = None  # summed loss of the batches since the last optimizer step
     stopping = False
     while progress.batch < plan.epoch_batches and not stopping:
-        seq_len = sample_seq_len(run.rng, args.bptt)
-        lr = run.lr(progress, plan.last_step)
-        x, y = get_batch(run.train_data, progress.i, seq_len)  # [T, B_local] each
-        update = progress.batch % args.accumulate == 0  # steps after batches 0, N, 2N, ...
-        loss, progress.hidden, progress.mems, pending, norm = train_step(
-            run.step, x, y, progress.hidden, progress.mems, pending, lr, update)
-        tokens = x.shape[0] * args.batch_size
-        progress.advance(x.shape[0], tokens, update)
+        batch = train_batch(run.step, progress, schedule, run.train_data,
+                            sample_seq_len(run.rng, args.bptt), args.accumulate, args.batch_size)
         progress.epoch_time = time.time() - started
-        meter.add(loss, tokens, norm)
+        meter.add(batch.loss, batch.tokens, batch.norm)
         if bar:
-            bar.update(tokens)
+            bar.update(batch.tokens)
         at_log = progress.batch % args.log_interval == 0
         if at_log:
-            log_train(run, progress, meter.read(run.d), plan.epoch_batches, lr)
+            log_train(run, progress, meter.read(run.d), plan.epoch_batches, batch.lr)
             if run.pace and keep_pace(run, progress):
-                plan = run.plan(progress)
+                plan, schedule = run.plan(progress)
+        update = batch.update
         if update and (run.d.world == 1 or at_log):  # under torchrun: no syncs between logs
             stopping = decide(run, progress, meter, at_log, saves)
         if (update and not stopping and args.eval_interval
@@ -210,10 +208,10 @@ def keep_pace(run, progress):
             f"{new['cooldown'] or 0:,.6g} (steps take {1000 * recent:,.1f} ms, measured "
             f"{1000 * new['measured_step']:,.1f} ms: the plan would end "
             f"{new['forecast'] - run.pace.seconds:,.1f} s past the budget)")
-    args.max_steps, args.cooldown = new["max_steps"], new["cooldown"]
+    plan = {"max_steps": new["max_steps"], "cooldown": new["cooldown"]}
     if new["epochs"] is not None:
-        args.epochs = new["epochs"]
-    run.limits = Limits.of(args)
+        plan["epochs"] = new["epochs"]
+    assign(args, run.sources, plan, f"budget {args.budget}", over_given=True)
     progress.replans.append(new)
     run.log.metrics(type="replan", **new, time=time.time())
     if run.d.main:
@@ -232,7 +230,7 @@ def validate(run, progress, within_epoch=False):
     bsz = eval_batch_size(run.args)
     bar = progress_bar(run, (run.val_data.shape[0] - 1) * bsz, "valid")
     with averaged_weights(run.model, run.step.optimizer):
-        val_loss = evaluate(run.model, run.val_data, bsz, run.args.bptt, run.step.autocast(),
+        val_loss = training.evaluate(run.model, run.val_data, bsz, run.args.bptt, run.step.autocast(),
                             run.d, run.limits.eval_batches, run.local_stop, bar)
         if bar:
             bar.close()
@@ -259,7 +257,9 @@ def validate(run, progress, within_epoch=False):
 
 
 def end_of_epoch(run, progress, val_loss):
-    """--when learning-rate drops and the switch to averaged SGD, then the next epoch."""
+    """After an epoch's validation: the checkpoint copy before a --when drop (the drop
+    itself is the schedule's, schedule.Schedule), the switch to averaged SGD, then the next
+    epoch."""
     args = run.args
     epoch = progress.epoch + 1
     progress.val_history.append(val_loss)
@@ -274,10 +274,7 @@ def end_of_epoch(run, progress, val_loss):
         run.log("Switching to ASGD")
         progress.optimizer_name = "asgd"
         run.step.optimizer = build_optimizer("asgd", run.model.parameters(), args.lr, args.wdecay)
-    progress.epoch += 1
-    progress.i = progress.batch = 0
-    progress.hidden = progress.mems = None
-    progress.epoch_time = 0.0
+    progress.next_epoch()
 
 
 def train(run, progress):
@@ -322,7 +319,7 @@ def test(run, progress):
                 "weights it ends with")
     run.stop.reason = None  # a Ctrl-C that ended training does not also stop the test
     bar = progress_bar(run, (run.test_data.shape[0] - 1) * TEST_BATCH_SIZE, "test")
-    test_loss = evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt,
+    test_loss = training.evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt,
                          run.step.autocast(), run.d, run.limits.eval_batches, run.local_stop, bar)
     if bar:
         bar.close()
@@ -354,7 +351,7 @@ def eval_only(run):
     """--eval-only: valid and test of the resumed weights; nothing is trained or written."""
     for name, source, bsz in (("valid", run.val_data, eval_batch_size(run.args)),
                               ("test", run.test_data, TEST_BATCH_SIZE)):
-        loss = evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
+        loss = training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
                         run.limits.eval_batches)
         report(run, "eval only", name, loss, source)
         if run.args.dynamic_eval:
@@ -389,10 +386,10 @@ def setup(args, d, device, start, paths, stop, sources, started):
         raise InputError(f"--batch_size {args.batch_size} does not divide over {d.world} ranks")
     rng = np.random.RandomState(args.seed)  # sequence lengths: the same on every rank
     torch.manual_seed(args.seed)
-    corpus = Corpus(args.data, unk=args.unk, cache=not args.eval_only, write_later=True)
+    corpus = data.Corpus(args.data, unk=args.unk, cache=not args.eval_only, write_later=True)
     if args.continue_from:
         ckpt.check_same_corpus(start, corpus.fingerprint, args)
-    model, config = ckpt.model_for(args, start, corpus)
+    model, config = model_for(args, start, corpus)
     check_fits(config, args.bptt, args.batch_size // d.world, device)
     place_model(model, args, device)
     if d.world > 1:
@@ -407,13 +404,15 @@ def setup(args, d, device, start, paths, stop, sources, started):
         ckpt.restore_training(step, rng, start, d)
     run = Run(args=args, step=step, config=config, vocab=corpus.dictionary.idx2word,
               train_data=splits[0], val_data=splits[1], test_data=splits[2], d=d, log=None,
-              rng=rng, stop=stop, paths=paths, limits=Limits.of(args),
-              fingerprint=corpus.fingerprint, sources=sources,
+              rng=rng, stop=stop, paths=paths, fingerprint=corpus.fingerprint, sources=sources,
               unit="bpc" if corpus.byte_level else "bpt")
     if args.budget and not args.continue_from and not args.eval_only:
-        run.budget_note, run.pace = budget.apply(run, started, eval_batch_size(args),
-                                                 TEST_BATCH_SIZE, BUDGET_RULES[args.recipe], sources)
-        run.limits = Limits.of(args)
+        chosen, run.budget_note, run.pace = budget.choose(
+            run, started, eval_batch_size(args), TEST_BATCH_SIZE, BUDGET_RULES[args.recipe],
+            given={k for k, source in sources.items() if source == "given"})
+        assign(args, sources, chosen, f"budget {args.budget}")
+        model.set_dropouts(args.dropout, args.dropouth, args.dropouti, args.dropoute, args.wdrop)
+        run.step = make_step(model, args, device, progress.optimizer_name, net)  # its wdecay
     if d.main:
         corpus.write_cache()  # every check has passed
     run.log = open_records(args, paths, config, d, stop, progress.steps)

@@ -14,6 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from flags import MODEL_FLAGS, InputError
+from runtime import out_of_memory
+
 LN_EPS = 1e-12
 
 
@@ -405,3 +408,108 @@ def attn_layers_in(state_dict):
     """The block indices that have attention weights in a state_dict."""
     return sorted(int(k.split(".")[1]) for k in state_dict
                   if k.startswith("blocks.") and k.endswith(".attn.qs"))
+
+
+# --- the model of the flags, or of a checkpoint -----------------------------------------
+
+# Used when --adaptive-softmax is given without --cutoffs (AWD-LSTM's splits).
+DEFAULT_CUTOFFS = {500_000: [4200, 35000, 180000], 75_000: [2800, 20000, 76000], 0: [2000, 10000]}
+
+
+def default_cutoffs(ntokens):
+    """AWD-LSTM's adaptive softmax splits for a vocabulary of this size."""
+    cuts = next(c for n, c in DEFAULT_CUTOFFS.items() if ntokens > n)
+    cuts = [c for c in cuts if c < ntokens]
+    if not cuts:
+        raise InputError(f"give --cutoffs for a vocabulary of {ntokens} tokens")
+    return cuts
+
+
+def model_config(args, ntokens, saved=None, byte_level=True):
+    """The SHARNN keyword arguments of the flags. With `saved` (a checkpoint's config, whose
+    values are the flags' defaults after `flags_from`), a flag whose value differs from it
+    was given on the command line and contradicts the checkpoint: an error."""
+    if args.adaptive_softmax and byte_level:
+        raise InputError("--adaptive-softmax is for word-level vocabularies; this corpus is "
+                         "byte-level and keeps the plain softmax")
+    config = dict(ntoken=ntokens, ninp=args.emsize, nhid=args.nhid, nlayers=args.nlayers,
+                  attn_layers=attention_blocks(args.attn_layers, args.nlayers), heads=args.heads,
+                  mem_len=args.mem_len,
+                  cutoffs=(args.cutoffs or default_cutoffs(ntokens)) if args.adaptive_softmax
+                  else None)
+    if saved is None:
+        return config
+    if saved["ntoken"] != ntokens:
+        raise InputError(f"the checkpoint has {saved['ntoken']} tokens, the data {args.data} "
+                         f"has {ntokens}")
+    if args.adaptive_softmax != (saved["cutoffs"] is not None):
+        raise InputError(f"--adaptive-softmax contradicts the checkpoint, which has the "
+                         f"{'adaptive' if saved['cutoffs'] else 'plain'} softmax; drop the flag "
+                         f"to use the checkpoint's")
+    for flag, key in MODEL_FLAGS.items():
+        if config[key] != saved[key]:
+            raise InputError(f"--{flag.replace('_', '-')} {flag_text(getattr(args, flag))} "
+                             f"contradicts the checkpoint's {key}={saved[key]}; drop the flag to "
+                             f"use the checkpoint's")
+    return dict(saved)
+
+
+def flag_text(value):
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def build_model(config, args, **extra):
+    """The SHARNN of a config with the flags' dropouts (and `extra` keyword arguments);
+    a config the model refuses, or a model beyond memory, is an InputError."""
+    kwargs = dict(config, dropout=args.dropout, dropouth=args.dropouth, dropouti=args.dropouti,
+                  dropoute=args.dropoute, wdrop=args.wdrop, **extra)
+    try:
+        return SHARNN(**kwargs)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        with torch.device("meta"):  # count without allocating
+            n = sum(p.numel() for p in SHARNN(**kwargs).parameters())
+        raise InputError(f"the model does not fit in memory: {n:,} parameters, "
+                         f"{4 * n / 2**30:,.1f} GiB of float32 weights alone") from None
+
+
+def model_from_checkpoint(ckpt, **kwargs):
+    """The SHARNN of a checkpoint of this project (its config and weights), on the CPU."""
+    if ckpt.get("kind") != "sha-rnn":
+        raise InputError("this needs a checkpoint written by main.py (with its config and "
+                         "vocabulary), not a bare state_dict")
+    model = SHARNN(**ckpt["config"], **kwargs)
+    try:
+        model.load_strict(ckpt["model"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model
+
+
+def model_for(args, start, corpus):
+    """The model of the flags (which hold a start checkpoint's architecture unless given
+    anew) with the checkpoint's weights loaded; returns (model, config)."""
+    ntokens = len(corpus.dictionary)
+    if start is not None and start["kind"] == "sha-rnn":
+        if start["vocab"] != corpus.dictionary.idx2word:
+            raise InputError(f"the checkpoint's vocabulary ({len(start['vocab'])} tokens) differs "
+                             f"from that of {args.data} ({ntokens} tokens)")
+        config = model_config(args, ntokens, start["config"], corpus.byte_level)
+    else:
+        config = model_config(args, ntokens, byte_level=corpus.byte_level)
+    if start is not None and start["kind"] == "state_dict":
+        rows = start["model"]["encoder.weight"].shape[0]
+        if rows != ntokens:
+            raise InputError(f"the weights have {rows} tokens, the data {args.data} has {ntokens}")
+    model = build_model(config, args)
+    try:
+        if start is not None and start["kind"] == "state_dict":
+            model.load_original_state_dict(start["model"])
+        elif start is not None:
+            model.load_strict(start["model"])
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return model, config

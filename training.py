@@ -1,16 +1,17 @@
-"""What a training run computes, apart from the story main.py tells: the learning rate, the
-sequence lengths and the plan of an epoch, the one training step, the counters of the log,
-and evaluation. main.py trains with these; bench.py times the same step. docs/model.md
-(Training loop, Evaluation) describes them in words.
+"""What a training run computes, apart from the story main.py tells and the schedule
+(schedule.py): where training stands (Progress, with the state carried from batch to batch),
+the one training step and the one function that runs a batch, the counters of the log, and
+evaluation. main.py trains with these; the --budget measurement (budget.py) and bench.py run
+the same step. Change the training step here. docs/model.md (Training loop, Evaluation)
+describes them in words.
 """
 
 import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -19,92 +20,6 @@ from flags import DRY_RUN, MIN_TRUST, TEST_BATCH_SIZE, InputError, eval_batch_si
 from tokens import compact_dtype
 from lamb import Lamb
 from runtime import all_sum, autocast, make_scaler
-
-
-# --- the learning rate -------------------------------------------------------------------
-
-def lr_at(batch, step, base_lr, warmup, epoch=0, when=(), cooldown=None, last_step=None):
-    """The learning rate of a batch.
-
-    Warmup counts the original's global batch number `batch` (1-based: epoch * nominal
-    batches per epoch + batch in epoch + 1): linear over `warmup` batches. The rate is
-    divided by 10 after each epoch in `when` (1-based, as printed; `epoch` is 0-based).
-    `--cooldown` counts optimizer steps: `step` is the 1-based number of the optimizer step
-    this batch belongs to, and the rate falls linearly to 0 over the last `cooldown` steps,
-    reaching 0 at `last_step`, the run's last optimizer step."""
-    lr = base_lr * min(batch, warmup) / warmup
-    lr *= 0.1 ** sum(1 for w in when if w <= epoch)
-    if cooldown:
-        lr *= min(1.0, max(0.0, (last_step - step) / cooldown))
-    return lr
-
-
-# --- sequence lengths and the plan of a run ----------------------------------------------
-
-def sample_seq_len(rng, bptt):
-    """The original's random sequence length: bptt (p = 0.95) or bptt / 2, plus N(0, 5),
-    clamped to [5, bptt]. `rng` is a numpy RandomState (the original's global stream)."""
-    base = bptt if rng.random_sample() < 0.95 else bptt / 2.0
-    return min(max(5, int(rng.normal(base, 5))), bptt)
-
-
-def twin(rng):
-    """A copy of a numpy RandomState: drawing from it leaves `rng` untouched."""
-    copy = np.random.RandomState()
-    copy.set_state(rng.get_state())
-    return copy
-
-
-def epoch_batches(rng, i, rows, bptt):
-    """How many batches an epoch still takes from stream position `i`, drawing the sequence
-    lengths from `rng` (pass a twin to keep the real stream untouched)."""
-    n = 0
-    while i < rows - 2:
-        i += min(sample_seq_len(rng, bptt), rows - 1 - i)
-        n += 1
-    return n
-
-
-def steps_in(first, last, accumulate):
-    """Optimizer steps taken by batches first..last-1 of an epoch: one at each batch b with
-    b % accumulate == 0 (docs/model.md, Training loop)."""
-    return max(0, -(-last // accumulate) - -(-first // accumulate))
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where the run goes from here: the batch count of the epoch in progress (the N of
-    `b/N batches`, where it ends) and the run's last optimizer step (where --cooldown
-    reaches 0)."""
-    epoch_batches: int
-    last_step: int
-
-
-def plan_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_steps=None,
-             batch_limit=None):
-    """The Plan of a run that stands in 0-based `epoch` at stream position `i`, `batch`
-    batches into the epoch, with `steps` optimizer steps taken: a pure function of its
-    arguments (it draws the sequence lengths from a twin of `rng`). An epoch ends at the
-    end of the stream, after `batch_limit` batches (a dry run) or at the batch that takes
-    step `max_steps`; the run ends after `epochs` epochs or at step `max_steps`."""
-    if epoch >= epochs or (max_steps and steps >= max_steps):
-        return Plan(batch, steps)  # nothing left to train
-    rng = twin(rng)
-
-    def end(n):
-        return min(n, batch_limit) if batch_limit else n
-
-    first_end = end(batch + epoch_batches(rng, i, rows, bptt))
-    last = steps + steps_in(batch, first_end, accumulate)
-    for _ in range(epoch + 1, epochs):
-        if max_steps and last >= max_steps:
-            break
-        last += steps_in(0, end(epoch_batches(rng, 0, rows, bptt)), accumulate)
-    if max_steps and last >= max_steps:
-        last = max_steps
-        next_step = -(-batch // accumulate) * accumulate  # the batch of step steps + 1
-        first_end = min(first_end, next_step + (max_steps - steps - 1) * accumulate + 1)
-    return Plan(first_end, last)
 
 
 @dataclass(frozen=True)
@@ -298,28 +213,116 @@ def detach(hidden, mems):
     return hidden, mems
 
 
-def train_step(step, x, y, hidden, mems, pending, lr, update):
-    """Forward one batch [T, B] with the carried state and add its mean loss to `pending`,
-    the loss of the batches since the last optimizer step. When `update`: backward that sum
-    once (gradients flow through the state carried between those batches), then unscale,
-    clip, step, update the loss scale and zero the gradients; a step whose gradients hold
-    an inf or nan is skipped by the scaler. Returns (this batch's loss, hidden, mems,
-    pending, the gradient norm before clipping or None), the state detached after a step."""
+@dataclass
+class Carry:
+    """The state a batch hands to the next: the LSTM states and attention memories of this
+    rank's columns (None at an epoch's start), and the summed loss of the batches since the
+    last optimizer step (--accumulate)."""
+    hidden: list = None
+    mems: list = None
+    pending: torch.Tensor = None
+
+    def detach(self):
+        """Cut the carried state from the graph of the batches before (after a step)."""
+        self.hidden, self.mems = detach(self.hidden, self.mems)
+        self.pending = None
+
+
+def train_step(step, carry, x, y, lr, update):
+    """Forward one batch [T, B] with the carried state and add its mean loss to the pending
+    sum of the batches since the last optimizer step. When `update`: backward that sum once
+    (gradients flow through the state carried between those batches), then unscale, clip,
+    step at rate `lr`, update the loss scale and zero the gradients; a step whose gradients
+    hold an inf or nan is skipped by the scaler. Returns (this batch's loss, the gradient
+    norm before clipping or None); the carried state is detached after a step."""
     with step.autocast():
-        losses, hidden, mems = step.net(x, y, hidden, mems)  # losses: [T * B]
+        losses, carry.hidden, carry.mems = step.net(x, y, carry.hidden, carry.mems)  # [T * B]
         loss = losses.mean()                                  # float32 under autocast too
-    pending = loss if pending is None else pending + loss
+    carry.pending = loss if carry.pending is None else carry.pending + loss
     if not update:
-        return loss.detach(), hidden, mems, pending, None
+        return loss.detach(), None
     for group in step.optimizer.param_groups:
         group["lr"] = lr
-    step.scaler.scale(pending).backward()
+    step.scaler.scale(carry.pending).backward()
     step.scaler.unscale_(step.optimizer)  # true gradients, so that clipping sees true norms
     norm = torch.nn.utils.clip_grad_norm_(step.params, step.clip if step.clip > 0 else math.inf)
     step.scaler.step(step.optimizer)      # skipped on inf/nan gradients
     step.scaler.update()
     step.optimizer.zero_grad(set_to_none=True)
-    return (loss.detach(), *detach(hidden, mems), None, norm.detach())
+    carry.detach()
+    return loss.detach(), norm.detach()
+
+
+# --- where training stands, and one batch -----------------------------------------------
+
+NEWER = {"newer": True}   # a field absent from checkpoints of older versions
+UNSAVED = {"saved": False}
+
+
+@dataclass
+class Progress:
+    """Where training stands: its fields, but the carried state, are the last checkpoint's
+    `progress` (checkpoint.py checks them by these types; the carried state is saved as
+    the whole batch's, under `carry`)."""
+    epoch: int = 0           # 0-based epoch in progress (or next to start)
+    i: int = 0               # position in the batchified train stream
+    batch: int = 0           # batches done in this epoch
+    tokens: int = 0          # training tokens seen, all ranks
+    steps: int = 0           # optimizer steps taken
+    best_val: float = float("inf")  # the validation loss the best checkpoint holds
+    val_history: list = field(default_factory=list)  # the epochs' validation losses
+    optimizer_name: str = "lamb"    # --optimizer, or asgd once sgd switched to it
+    epoch_time: float = 0.0  # seconds spent on the current epoch so far
+    tested: bool = field(default=False, metadata=NEWER)  # the final test was reported
+    replans: list = field(default_factory=list, metadata=NEWER)  # --budget's (main.keep_pace)
+    carry: Carry = field(default_factory=Carry, metadata=UNSAVED)  # this rank's columns
+
+    @classmethod
+    def saved_fields(cls, newer):
+        """{name: type} of the saved fields: those every checkpoint has, or (`newer`) those
+        added since the first version."""
+        return {f.name: f.type for f in fields(cls)
+                if f.metadata.get("saved", True) and f.metadata.get("newer", False) == newer}
+
+    def saved(self):
+        """The fields a last checkpoint keeps, as a dict."""
+        names = {**self.saved_fields(False), **self.saved_fields(True)}
+        return {name: getattr(self, name) for name in names}
+
+    def next_epoch(self):
+        """The epoch ended: the next starts at the stream's start with no carried state."""
+        self.epoch += 1
+        self.i = self.batch = 0
+        self.carry = Carry()
+        self.epoch_time = 0.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What train_batch did: the batch's loss, the gradient norm (None without a step),
+    the rate, the tokens over all ranks, and whether an optimizer step was taken."""
+    loss: torch.Tensor
+    norm: torch.Tensor
+    lr: float
+    tokens: int
+    update: bool
+
+
+def train_batch(step, progress, schedule, source, seq_len, accumulate, batch_size):
+    """Train the next batch of the epoch: `seq_len` rows of `source` ([rows, B_local]) from
+    progress.i, at the rate the schedule gives it, with an optimizer step after batches
+    0, N, 2N, ... of the epoch (N = `accumulate`), then count it in `progress` (tokens over
+    the global `batch_size`). main.py, the --budget measurement and bench.py all train so."""
+    lr = schedule.rate(progress.epoch, progress.batch, progress.steps)
+    x, y = get_batch(source, progress.i, seq_len)  # [T, B_local] each
+    update = progress.batch % accumulate == 0
+    loss, norm = train_step(step, progress.carry, x, y, lr, update)
+    tokens = x.shape[0] * batch_size
+    progress.i += x.shape[0]
+    progress.batch += 1
+    progress.steps += update
+    progress.tokens += tokens
+    return Batch(loss, norm, lr, tokens, update)
 
 
 # --- the counters of the training log ----------------------------------------------------

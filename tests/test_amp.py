@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from training import Step, WithLoss, train_step
+from training import Carry, Step, WithLoss, train_step
 from conftest import ROOT, SMALL, perturb, run_cli
 from flags import InputError
 from lamb import Lamb
@@ -73,8 +73,7 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside a training step")
 
-    hidden = mems = None
-    train_step(run, *batches[0], hidden, mems, None, 1e-2, True)
+    train_step(run, Carry(), *batches[0], 1e-2, True)
     scale = scaler.get_scale()
     weights = [p.detach().clone() for p in params]
     state = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
@@ -82,13 +81,13 @@ def test_fp16_overflow_skips_exactly_that_step_and_halves_the_scale(monkeypatch)
     with monkeypatch.context() as m:
         for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy"):
             m.setattr(torch.Tensor, name, forbidden)
-        train_step(run, *batches[1], hidden, mems, None, 1e-2, True)
+        train_step(run, Carry(), *batches[1], 1e-2, True)
     assert all(torch.equal(p, w) for p, w in zip(params, weights))  # the step was skipped
     assert all(torch.equal(optimizer.state[params[0]][k], v) for k, v in state.items())
     assert scaler.get_scale() == scale / 2
     poison["on"] = False
     handle.remove()
-    train_step(run, *batches[2], hidden, mems, None, 1e-2, True)
+    train_step(run, Carry(), *batches[2], 1e-2, True)
     assert all(not torch.equal(p, w) for p, w in zip(params, weights))  # the next step ran
     assert scaler.get_scale() == scale / 2
 

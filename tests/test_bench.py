@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench
-from training import Step, WithLoss, build_optimizer, detach, make_step, train_step
+from training import Carry, Step, WithLoss, build_optimizer, make_step, train_step
 from runtime import make_scaler
 from conftest import ROOT
 from lamb import Lamb
@@ -46,12 +46,12 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
     run = Step(model, WithLoss(model), None, make_scaler(CPU, "none"), 0.25, CPU, "none")
-    hidden = mems = floor_hidden = floor_mems = None
+    carry, floor_hidden, floor_mems = Carry(), None, None
     for x, y in batches():
         model.zero_grad(set_to_none=True)
-        loss, hidden, mems, pending, _ = train_step(run, x, y, hidden, mems, None, 0.0, False)
-        pending.backward()
-        hidden, mems = detach(hidden, mems)
+        loss, _ = train_step(run, carry, x, y, 0.0, False)
+        carry.pending.backward()
+        carry.detach()
         output, floor_hidden, floor_mems = bench.floor_forward(P, cfg, x, floor_hidden,
                                                                floor_mems, True)
         floor_loss = bench.floor_loss(P, output, y)
@@ -59,7 +59,7 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
         assert floor_loss.item() == pytest.approx(loss.item(), abs=1e-5)
         for (name, p), q in zip(model.named_parameters(), P.values()):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-5, msg=name)
-        for a, b in zip(floor_mems, mems):
+        for a, b in zip(floor_mems, carry.mems):
             assert (a is None) == (b is None)
             if a is not None:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -15,29 +15,35 @@ import torch
 
 import budget
 import flags
-import main
+import schedule
 import training
 from conftest import ROOT, SMALL, run_cli
 
 
 class Simulated:
     """A clock that moves only when the run works: `batch` seconds per training batch (times
-    `slower` from training batch `slow_from` on, counted in main.py's loop only) and `chunk`
-    seconds per evaluated chunk; the process started at 0."""
+    `slower` from training batch `slow_from` on, counted outside the budget's measurement
+    only) and `chunk` seconds per evaluated chunk; the process started at 0."""
 
     def __init__(self, monkeypatch, batch=0.0005, chunk=0.001, slow_from=None, slower=2.0):
-        self.now, self.batches = 0.0, 0
+        self.now, self.batches, self.measuring = 0.0, 0, False
         self.batch, self.chunk, self.slow_from, self.slower = batch, chunk, slow_from, slower
         self.on_batch = None  # called with the training batch count, after its step
         monkeypatch.setattr(budget, "clock", lambda: self.now)
         monkeypatch.setattr(budget, "process_age", lambda: 0.0)
-        step, evaluate = training.train_step, training.evaluate
+        step, evaluate, time_steps = training.train_step, training.evaluate, budget.time_steps
 
-        def measuring_step(*args):
-            self.now += self.batch
-            return step(*args)
+        def timing(*args):
+            self.measuring = True
+            try:
+                return time_steps(*args)
+            finally:
+                self.measuring = False
 
-        def training_step(*args):
+        def stepping(*args):
+            if self.measuring:
+                self.now += self.batch
+                return step(*args)
             self.batches += 1
             slow = self.slow_from is not None and self.batches > self.slow_from
             self.now += self.batch * (self.slower if slow else 1.0)
@@ -52,10 +58,9 @@ class Simulated:
             self.now += self.chunk * min(chunks, max_batches or chunks) * (self.slower if slow else 1)
             return evaluate(model, source, bsz, bptt, amp, d, max_batches, *args, **kwargs)
 
-        monkeypatch.setattr(budget, "train_step", measuring_step)
-        monkeypatch.setattr(budget, "evaluate", evaluating)
-        monkeypatch.setattr(main, "train_step", training_step)
-        monkeypatch.setattr(main, "evaluate", evaluating)
+        monkeypatch.setattr(budget, "time_steps", timing)
+        monkeypatch.setattr(training, "train_step", stepping)
+        monkeypatch.setattr(training, "evaluate", evaluating)
 
 
 @pytest.fixture
@@ -172,30 +177,16 @@ def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_pat
         assert torch.equal(value, b[key]), key
 
 
-def test_a_cooldown_is_re_anchored_without_a_jump():
-    # Not begun: the recipe's share of the new steps (or the given length) when it still fits.
-    assert budget.cooldown_after(100, 1000, 200, 600, 0.2) == 120
-    assert budget.cooldown_after(100, 1000, 200, 600, None) == 200
-    # Not begun, but the new end leaves less room than the cooldown: it starts now, from 1.
-    assert budget.cooldown_after(550, 1000, 200, 600, 0.2) == 50
-    # Begun: at step 900 of 1000 with 200 to cool, the rate stands at half; the new plan ends
-    # at 950, so the rate falls from half to 0 over 50 steps: a cooldown of length 100.
-    assert budget.cooldown_after(900, 1000, 200, 950, 0.2) == 100
-    length = budget.cooldown_after(900, 1000, 200, 933, 0.2)
-    assert length == pytest.approx(66.0) and training.lr_at(10**6, 900, 1.0, 1, cooldown=length,
-                                                            last_step=933) == pytest.approx(0.5)
-    assert budget.cooldown_after(900, 1000, None, 950, 0.2) is None  # no cooldown stays none
-
-
 def rates(sim):
-    """Record the learning rate of each optimizer step main.py's loop takes."""
+    """Record the learning rate of each optimizer step main.py's loop takes (not those of
+    the budget's measurement)."""
     steps = []
-    real = main.train_step
+    real = training.train_step
 
-    def recording(step, x, y, hidden, mems, pending, lr, update):
-        if update:
+    def recording(step, carry, x, y, lr, update):
+        if update and not sim.measuring:
             steps.append(lr)
-        return real(step, x, y, hidden, mems, pending, lr, update)
+        return real(step, carry, x, y, lr, update)
 
     return steps, recording
 
@@ -205,7 +196,7 @@ def test_a_machine_that_slows_down_re_plans_and_ends_on_time(corpus_dir, tmp_pat
                                                             monkeypatch, slow_from):
     sim = Simulated(monkeypatch, slow_from=slow_from)
     steps, recording = rates(sim)
-    monkeypatch.setattr(main, "train_step", recording)
+    monkeypatch.setattr(training, "train_step", recording)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
                              *SMALL, "--budget", "0.5s", "--log-interval", "10")
     assert code == 0 and "| End of training |" in out, err
@@ -299,7 +290,7 @@ def test_the_budget_counts_from_the_start_of_the_process(corpus_dir, tmp_path, c
 
 def test_planning_is_bounded_whatever_the_budget(tmp_path):
     import numpy as np
-    ends, cut = budget.epoch_ends(np.random.RandomState(0), 100, 16, 1, 10**15)
+    ends, cut = schedule.epoch_ends(np.random.RandomState(0), 100, 16, 1, 10**15)
     assert cut and ends[-1] < 10**15 and sum(1 for _ in ends) > 1000
     data = tmp_path / "data"
     from conftest import sentences, write_corpus

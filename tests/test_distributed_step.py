@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from model import SHARNN
 from runtime import Dist
-from training import distributed, make_step, train_step
+from training import Carry, distributed, make_step, train_step
 
 ARGS = argparse.Namespace(optimizer="lamb", lr=1e-2, wdecay=1e-6, clip=0.25, amp="none")
 CPU = torch.device("cpu")
@@ -32,10 +32,9 @@ def batches():
 
 
 def train(step, columns):
-    hidden = mems = None
+    carry = Carry()
     for x, y in batches():
-        _, hidden, mems, _, _ = train_step(step, x[:, columns], y[:, columns], hidden, mems,
-                                           None, ARGS.lr, True)
+        train_step(step, carry, x[:, columns], y[:, columns], ARGS.lr, True)
     return {k: v.detach().clone() for k, v in step.model.state_dict().items()}
 
 

@@ -12,7 +12,8 @@ from training import evaluate
 from conftest import SMALL, run_cli, sentences, write_corpus
 from data import Corpus, batchify
 from model import SHARNN
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint
+from model import model_from_checkpoint
 from dyneval import dynamic_evaluate
 from runtime import Dist
 

@@ -4,16 +4,15 @@ import math
 import os
 import re
 
-import numpy as np
 import pytest
 import torch
 
+import flags
 import main
-from checkpoint import Progress
+from conftest import SMALL, run_cli
 from flags import parse_args
 from runtime import Dist
-from conftest import SMALL, run_cli
-from training import Limits, Step, averaged_weights, build_optimizer, evaluate, lr_at, sample_seq_len
+from training import Progress, Step, averaged_weights, build_optimizer, evaluate
 
 LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
                       r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
@@ -86,56 +85,16 @@ def test_paper_commands_parse():
     second = parse_args(first + "--epochs 5 --resume ENWIK8.pt --lr 1e-3 --seed 125".split())
     assert (second.epochs, second.resume, second.lr, second.seed) == (5, "ENWIK8.pt", 1e-3, 125)
     # A checkpoint's values stand in for flags not given; given flags win.
-    third = parse_args(first + ["--resume", "ENWIK8.pt"], saved={"emsize": 512, "heads": 2})
+    third = parse_args(first + ["--resume", "ENWIK8.pt"])
+    sources = {"emsize": "given"}
+    flags.assign(third, sources, {"emsize": 512, "heads": 2}, "checkpoint")
     assert (third.emsize, third.heads) == (1024, 2)
+    assert sources == {"emsize": "given", "heads": "checkpoint"}
+    flags.assign(third, sources, {"emsize": 512}, "budget 5min", over_given=True)
+    assert (third.emsize, sources["emsize"]) == (512, "budget 5min")
 
 
 # --- units -------------------------------------------------------------------------------
-
-def test_lr_warmup_is_linear_then_flat():
-    assert lr_at(1, 1, 2e-3, 800) == pytest.approx(2e-3 / 800)
-    assert lr_at(400, 400, 2e-3, 800) == pytest.approx(1e-3)
-    assert lr_at(800, 800, 2e-3, 800) == pytest.approx(2e-3)
-    assert lr_at(5000, 5000, 2e-3, 800) == pytest.approx(2e-3)
-
-
-def test_lr_when_and_cooldown():
-    # --when 2: divided by 10 from the third epoch (0-based epoch 2) on. The cooldown counts
-    # optimizer steps (the second argument), whatever the batch count (the first).
-    assert lr_at(900, 900, 1.0, 10, epoch=1, when=[2]) == 1.0
-    assert lr_at(900, 900, 1.0, 10, epoch=2, when=[2]) == pytest.approx(0.1)
-    assert lr_at(900, 900, 1.0, 10, epoch=5, when=[2, 4]) == pytest.approx(0.01)
-    assert lr_at(950, 950, 1.0, 10, cooldown=100, last_step=1000) == pytest.approx(0.5)
-    assert lr_at(1010, 1000, 1.0, 10, cooldown=100, last_step=1000) == 0.0  # the last step
-    assert lr_at(2000, 950, 1.0, 10, cooldown=100, last_step=1000) == pytest.approx(0.5)
-
-
-def test_warmup_step_counts_batches_across_epochs():
-    # step = epoch * (len(train) // bptt) + batch + 1 (docs/model.md, Training loop)
-    args = parse_args(["--warmup", "800"])
-    nominal = 5493
-    assert lr_at(1 * nominal + 9 + 1, 1, args.lr, args.warmup) == args.lr  # past warmup in epoch 2
-    assert lr_at(0 * nominal + 9 + 1, 1, args.lr, args.warmup) == pytest.approx(args.lr * 10 / 800)
-
-
-def test_sequence_length_sampler_bounds_and_original_stream():
-    rng = np.random.RandomState(7)
-    lengths = [sample_seq_len(rng, 64) for _ in range(20000)]
-    assert min(lengths) >= 5 and max(lengths) <= 64
-    half = sum(1 for n in lengths if n < 48) / len(lengths)
-    assert 0.04 < half < 0.06  # bptt / 2 with probability 0.05
-    assert sum(1 for n in lengths if n == 64) / len(lengths) > 0.4  # clamped at bptt
-    short = [sample_seq_len(np.random.RandomState(s), 6) for s in range(200)]
-    assert min(short) == 5 and max(short) == 6
-    # The same stream as the original's np.random.random() / np.random.normal(bptt, 5).
-    np.random.seed(5512)
-    expected = []
-    for _ in range(50):
-        bptt = 1024 if np.random.random() < 0.95 else 1024 / 2.0
-        expected.append(min(max(5, int(np.random.normal(bptt, 5))), 1024))
-    rng = np.random.RandomState(5512)
-    assert [sample_seq_len(rng, 1024) for _ in range(50)] == expected
-
 
 class TargetLoss(torch.nn.Module):
     """A stand-in model whose per-token loss is the target id itself."""
@@ -204,8 +163,7 @@ def test_sgd_switches_to_averaged_sgd_and_evaluates_with_the_average(tmp_path):
     step = Step(model, model, optimizer, None, args.clip, torch.device("cpu"), "none")
     run = main.Run(args=args, step=step, config={}, vocab=[], train_data=None, val_data=None,
                    test_data=None, d=Dist(), log=logged.append, rng=None, stop=None,
-                   paths={"save": str(tmp_path / "m.pt")}, limits=Limits.of(args),
-                   fingerprint=None)
+                   paths={"save": str(tmp_path / "m.pt")}, fingerprint=None)
     progress = Progress(optimizer_name="sgd", val_history=[1.0, 2.0])
     main.end_of_epoch(run, progress, 1.5)  # 1.5 > min(history[:-2]) = 1.0: switch
     assert "Switching to ASGD" in logged and isinstance(run.step.optimizer, torch.optim.ASGD)

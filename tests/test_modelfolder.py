@@ -17,6 +17,7 @@ import export
 import generate
 import main
 from conftest import SMALL, run_cli, sentences, write_corpus
+from model import model_from_checkpoint
 
 safetensors = pytest.importorskip("safetensors.torch")
 
@@ -62,7 +63,7 @@ def test_loading_a_folder_never_unpickles(exported, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", forbidden)
     monkeypatch.setattr(pickle, "loads", forbidden)
     loaded = checkpoint.load_checkpoint(folder)
-    model = checkpoint.model_from_checkpoint(loaded)
+    model = model_from_checkpoint(loaded)
     assert model.decoder.weight is model.encoder.weight
     monkeypatch.undo()
     for name, value in torch.load(save, weights_only=True)["model"].items():

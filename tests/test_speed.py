@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training import Step, WithLoss, train_step
+from training import Carry, Step, WithLoss, train_step
 from runtime import Dist, make_scaler
 from conftest import perturb
 from data import batchify, get_batch
@@ -92,7 +92,7 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
     optimizer = Lamb(params, lr=1e-3, weight_decay=1e-6, min_trust=0.25)
     run = Step(model, WithLoss(model), optimizer, make_scaler(torch.device("cpu"), "none"), 0.25,
                torch.device("cpu"), "none")
-    hidden = mems = None
+    carry = Carry()
     batches = [(torch.randint(0, 13, (8, 2)), torch.randint(0, 13, (8, 2))) for _ in range(3)]
 
     def forbidden(*args, **kwargs):
@@ -103,7 +103,7 @@ def test_training_steps_never_synchronise_with_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     total = torch.zeros(())
     for x, y in batches:
-        loss, hidden, mems, _, _ = train_step(run, x, y, hidden, mems, None, 1e-3, True)
+        loss, _ = train_step(run, carry, x, y, 1e-3, True)
         total += loss
     monkeypatch.undo()
     assert total.item() > 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import main
+import training
 from conftest import SMALL, run_cli
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -35,7 +35,7 @@ def test_scalars_by_step_and_a_continued_run_extends_the_same_curves(corpus_dir,
     assert all(v > 0 for _, v in whole["train/grad_norm"])
 
     # The same run, crashed at step 33 after its last checkpoint at step 28 (every 7 steps).
-    real, calls = main.train_step, []
+    real, calls = training.train_step, []
 
     def crash(*args):
         calls.append(1)
@@ -43,13 +43,13 @@ def test_scalars_by_step_and_a_continued_run_extends_the_same_curves(corpus_dir,
             raise RuntimeError("the machine went away")
         return real(*args)
 
-    monkeypatch.setattr(main, "train_step", crash)
+    monkeypatch.setattr(training, "train_step", crash)
     with pytest.raises(RuntimeError):
         run_cli(capsys, *flags, "--save", str(tmp_path / "b.pt"), "--save-interval", "7",
                 "--tensorboard", str(tmp_path / "tb-b"))
     capsys.readouterr()
     assert [s for s, _ in scalars(tmp_path / "tb-b")["train/lr"]] == list(range(5, 31, 5))
-    monkeypatch.setattr(main, "train_step", real)
+    monkeypatch.setattr(training, "train_step", real)
     code, out, err = run_cli(capsys, "--continue", str(tmp_path / "b.last.pt"))
     assert code == 0, err
     continued = scalars(tmp_path / "tb-b")

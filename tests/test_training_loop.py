@@ -14,7 +14,6 @@ from data import Corpus, batchify
 from dyneval import GROWTH_INTERVAL, LossScale, dynamic_evaluate
 from lamb import Lamb
 from model import SHARNN
-from training import plan_run, sample_seq_len, twin
 
 LR, WARMUP, CLIP, WDECAY, SEED, BSZ, BPTT = 3e-3, 50, 0.25, 1.2e-6, 11, 4, 16
 
@@ -280,45 +279,6 @@ def test_cooldown_reaches_zero_at_the_last_step_when_epochs_run_longer_than_nomi
     before = [r for r in steps_taken if r["step"] == last_step - 4][-1]
     assert before["lr"] == pytest.approx(1e-2 * 4 / 8)  # linear over the last 8 steps
     assert all(r["lr"] > 0 for r in steps_taken[:-1])
-
-
-def simulated_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_steps, limit):
-    """The epochs as the training loop runs them, batch by batch: (the batch count at which
-    the current epoch ends, the run's last optimizer step)."""
-    first_end = None
-    while epoch < epochs and not (max_steps and steps >= max_steps):
-        while (i < rows - 2 and not (limit and batch >= limit)
-               and not (max_steps and steps >= max_steps)):
-            i += min(sample_seq_len(rng, bptt), rows - 1 - i)
-            steps += batch % accumulate == 0
-            batch += 1
-        first_end = batch if first_end is None else first_end
-        epoch, i, batch = epoch + 1, 0, 0
-    return (batch if first_end is None else first_end), steps
-
-
-def test_the_plan_of_a_run_is_what_the_loop_does_and_draws_nothing():
-    cases = np.random.RandomState(0)
-    for _ in range(300):
-        rows, bptt = int(cases.randint(40, 400)), int(cases.choice([5, 8, 16, 30]))
-        epochs, accumulate = int(cases.randint(1, 4)), int(cases.randint(1, 4))
-        max_steps = [None, int(cases.randint(1, 60))][cases.randint(2)]
-        limit = [None, 3][cases.randint(2)]
-        rng = np.random.RandomState(int(cases.randint(1000)))
-        for _ in range(int(cases.randint(0, 5))):  # somewhere inside the first epoch
-            sample_seq_len(rng, bptt)
-        epoch, batch = int(cases.randint(0, epochs + 1)), int(cases.randint(0, 4))
-        i, steps = min(batch * bptt, rows - 2), int(cases.randint(0, 4))
-        if cases.randint(3) == 0:  # exactly the steps to the end of this epoch
-            max_steps = simulated_run(twin(rng), epoch, i, batch, steps, rows, bptt, epoch + 1,
-                                      accumulate, None, limit)[1] or None
-        state = rng.get_state()
-        plan = plan_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate, max_steps, limit)
-        assert str(rng.get_state()) == str(state)  # the real stream is untouched
-        expected = simulated_run(rng, epoch, i, batch, steps, rows, bptt, epochs, accumulate,
-                                 max_steps, limit)
-        assert (plan.epoch_batches, plan.last_step) == expected, (rows, bptt, epochs, accumulate,
-                                                                  max_steps, limit, epoch, i, batch, steps)
 
 
 def test_eval_interval_adds_points_to_the_curve_and_changes_no_weight(corpus_dir, tmp_path, capsys):

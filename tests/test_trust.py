@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import checkpoint
+import data
 import main
+import training
 from conftest import ROOT, SMALL, run_cli
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -135,33 +137,33 @@ def test_a_full_disk_keeps_the_epoch_in_the_last_checkpoint(corpus_dir, tmp_path
 
 
 def test_a_signal_during_start_up_exits_0(corpus_dir, tmp_path, capsys, monkeypatch):
-    corpus = main.Corpus
+    corpus = data.Corpus
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return corpus(*args, **kwargs)
 
-    monkeypatch.setattr(main, "Corpus", interrupted)
+    monkeypatch.setattr(data, "Corpus", interrupted)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"), *SMALL)
     assert code == 0, err
     assert "Stopped by a signal during start-up" in out and "| epoch" not in out
 
 
 def test_a_signal_during_the_final_test_exits_0(corpus_dir, tmp_path, capsys, monkeypatch):
-    evaluate = main.evaluate
+    evaluate = training.evaluate
 
     def evaluate_then_signal(model, source, bsz, *args, **kwargs):
         if bsz == main.TEST_BATCH_SIZE:
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(model, source, bsz, *args, **kwargs)
 
-    monkeypatch.setattr(main, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr(training, "evaluate", evaluate_then_signal)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
                              "--epochs", "1", *SMALL)
     assert code == 0, err
     assert "The test was stopped by a signal" in out and "| End of training" not in out
     assert os.path.exists(str(tmp_path / "m.pt")) and os.path.exists(str(tmp_path / "m.last.pt"))
-    monkeypatch.setattr(main, "evaluate", evaluate)
+    monkeypatch.setattr(training, "evaluate", evaluate)
     code, out, err = run_cli(capsys, "--continue", str(tmp_path / "m.last.pt"))  # the test's turn
     assert code == 0, err
     assert "Training is complete; running the final test" in out and "| End of training" in out
