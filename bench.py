@@ -142,7 +142,7 @@ def model_train_step(step, lr):
     def run(x, y):
         progress.i = progress.batch = 0  # each call trains a stream that holds one batch
         source = torch.cat([x, y[-1:]])  # [T + 1, B]: y is x shifted by one
-        return train_batch(step, progress, schedule, source, x.shape[0], accumulate=1,
+        return train_batch(step, progress, schedule, source, seq_len=x.shape[0], accumulate=1,
                            batch_size=x.shape[1]).loss
 
     return run

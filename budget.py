@@ -112,8 +112,8 @@ def time_steps(run, args, step):
         seq_len = sample_seq_len(run.rng, args.bptt)
         if progress.i + seq_len >= rows - 1:  # a short stream: start it again
             progress.next_epoch()
-        train_batch(step, progress, schedule, run.train_data, seq_len, args.accumulate,
-                    args.batch_size)
+        train_batch(step, progress, schedule, run.train_data, seq_len=seq_len,
+                    accumulate=args.accumulate, batch_size=args.batch_size)
     synchronize(step.device)
     return (clock() - start) / TIMED * args.accumulate
 
@@ -121,10 +121,12 @@ def time_steps(run, args, step):
 def time_evaluation(run, source, bsz):
     """Seconds for a whole evaluation of `source`, from the time of its second chunk."""
     chunks = len(range(0, source.shape[0] - 1, run.args.bptt))
-    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=1)
+    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
+                      max_batches=1)
     synchronize(run.device)
     start = clock()
-    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d, max_batches=2)
+    training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
+                      max_batches=2)
     synchronize(run.device)
     return (clock() - start) / 2 * chunks  # two chunks timed (the first runs again)
 

@@ -126,7 +126,8 @@ def train_epoch(run, progress):
     stopping = False
     while progress.batch < plan.epoch_batches and not stopping:
         batch = train_batch(run.step, progress, schedule, run.train_data,
-                            sample_seq_len(run.rng, args.bptt), args.accumulate, args.batch_size)
+                            seq_len=sample_seq_len(run.rng, args.bptt),
+                            accumulate=args.accumulate, batch_size=args.batch_size)
         progress.epoch_time = time.time() - started
         meter.add(batch.loss, batch.tokens, batch.norm)
         if bar:
@@ -230,8 +231,10 @@ def validate(run, progress, within_epoch=False):
     bsz = eval_batch_size(run.args)
     bar = progress_bar(run, (run.val_data.shape[0] - 1) * bsz, "valid")
     with averaged_weights(run.model, run.step.optimizer):
-        val_loss = training.evaluate(run.model, run.val_data, bsz, run.args.bptt, run.step.autocast(),
-                            run.d, run.limits.eval_batches, run.local_stop, bar)
+        val_loss = training.evaluate(run.model, run.val_data, bsz, run.args.bptt,
+                                     run.step.autocast(), run.d,
+                                     max_batches=run.limits.eval_batches, stop=run.local_stop,
+                                     bar=bar)
         if bar:
             bar.close()
         if val_loss is None:
@@ -320,7 +323,8 @@ def test(run, progress):
     run.stop.reason = None  # a Ctrl-C that ended training does not also stop the test
     bar = progress_bar(run, (run.test_data.shape[0] - 1) * TEST_BATCH_SIZE, "test")
     test_loss = training.evaluate(run.model, run.test_data, TEST_BATCH_SIZE, run.args.bptt,
-                         run.step.autocast(), run.d, run.limits.eval_batches, run.local_stop, bar)
+                                  run.step.autocast(), run.d, max_batches=run.limits.eval_batches,
+                                  stop=run.local_stop, bar=bar)
     if bar:
         bar.close()
     if test_loss is None:
@@ -340,9 +344,10 @@ def test(run, progress):
 
 def report_dynamic(run, source, bsz, name, steps=0):
     args = run.args
-    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, args.bptt, args.amp,
-                               args.dyn_lr, args.dyn_decay, args.dyn_eps,
-                               args.dyn_stat_batches, max_batches=run.limits.eval_batches)
+    loss, _ = dynamic_evaluate(run.model, run.train_data, source, bsz, bptt=args.bptt,
+                               amp=args.amp, lr=args.dyn_lr, decay=args.dyn_decay,
+                               eps=args.dyn_eps, stat_batches=args.dyn_stat_batches,
+                               max_batches=run.limits.eval_batches)
     report(run, "dynamic eval", name, loss, source)
     run.log.metrics(type=f"dynamic_{name}", step=steps, loss=loss, bpc=loss / LOG2, time=time.time())
 
@@ -351,8 +356,8 @@ def eval_only(run):
     """--eval-only: valid and test of the resumed weights; nothing is trained or written."""
     for name, source, bsz in (("valid", run.val_data, eval_batch_size(run.args)),
                               ("test", run.test_data, TEST_BATCH_SIZE)):
-        loss = training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(), run.d,
-                        run.limits.eval_batches)
+        loss = training.evaluate(run.model, source, bsz, run.args.bptt, run.step.autocast(),
+                                 run.d, max_batches=run.limits.eval_batches)
         report(run, "eval only", name, loss, source)
         if run.args.dynamic_eval:
             report_dynamic(run, source, bsz, name)
