@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -42,7 +41,7 @@ import modelfolder
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
 from flags import InputError, Parser
 from outputs import Output, checkpoint_inputs, claim
-from utils import say
+from utils import atomic_path, say
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -324,16 +323,9 @@ def run(args):
         return
     require_onnx()
     model, config, vocab = load_model(args.checkpoint)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(args.output) + ".", suffix=".tmp")
-    os.close(fd)
-    try:  # exported and checked beside the output, then put in its place
+    with atomic_path(args.output) as tmp:  # exported and checked beside the output
         export_onnx(model, config, tmp, args.opset, vocab)
         worst = check_model(tmp, model, config)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     inputs, outputs = io_spec(config)
     size = os.path.getsize(args.output) / 2**20
     say(f"wrote {args.output} ({size:.1f} MiB, opset {args.opset}; onnxruntime matches torch "
