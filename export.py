@@ -39,7 +39,7 @@ import torch.nn as nn
 
 import modelfolder
 from checkpoint import first_line, load_checkpoint, model_from_checkpoint
-from flags import InputError, Parser
+from flags import InputError, Parser, run_script
 from outputs import Output, checkpoint_inputs, claim
 from utils import atomic_path, say
 
@@ -335,14 +335,10 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_script(run, args)
     except ExportFailed as e:
         print(f"error: export failed: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,17 @@ class InputError(ValueError):
     """Bad user input (flags, files, checkpoints): reported as one line, exit code 2."""
 
 
+def run_script(body, *args, errors=InputError):
+    """A script's main(): runs body(*args) and returns the exit code, 0; an error of
+    `errors` (an InputError unless told) is one line on stderr, "error: ...", and 2."""
+    try:
+        body(*args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage dump; under torchrun
     only rank 0 prints it, so the line appears once. A flag must be spelled in full: an
