@@ -32,7 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gpu_check
 from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
-                   check_seed)
+                   check_seed, run_script)
 from model import LN_EPS, autocast_dtype, gelu, lstm_dtype, model_config
 from model import build_model as build_sharnn
 from runtime import amp_dtype, amp_mode, autocast, make_scaler, out_of_memory, pick_device
@@ -614,19 +614,19 @@ def step_functions(args, model, device):
 def main_cli(argv=None):
     """Run the benchmark; returns the exit code (2 on a bad flag value)."""
     args = build_parser().parse_args(argv)
+    return run_script(run_fitting, args)
+
+
+def run_fitting(args):
+    """run(), with running out of memory as an InputError that names the sizes."""
     try:
         run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except RuntimeError as e:
         if not out_of_memory(e):
             raise
-        print(f"error: the step does not fit in memory at --bptt {args.bptt} --batch_size "
-              f"{args.batch_size} with --emsize {args.emsize} --nhid {args.nhid} (the allocator: "
-              f"{str(e).strip().splitlines()[0][:120]})", file=sys.stderr)
-        return 2
-    return 0
+        raise InputError(f"the step does not fit in memory at --bptt {args.bptt} --batch_size "
+                         f"{args.batch_size} with --emsize {args.emsize} --nhid {args.nhid} (the "
+                         f"allocator: {str(e).strip().splitlines()[0][:120]})") from None
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
-from flags import InputError, Parser, check_checkpoint_name, check_recorded
+from flags import InputError, Parser, check_checkpoint_name, check_recorded, run_script
 from outputs import Output, claim, script_command
 from model import SHARNN, attn_layers_in
 from runtime import agree, gather_columns
@@ -463,15 +463,15 @@ def main(argv=None):
     conv.add_argument("--trust-this-file", action="store_true",
                       help="confirm that FILE comes from a trusted source (required)")
     args = parser.parse_args(argv)
-    try:
-        if not args.trust_this_file:
-            raise InputError("refusing to unpickle without --trust-this-file: loading a pickle "
-                             "runs any code the file holds")
-        convert_pickle(args.path, args.out or args.path + ".state_dict.pt")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(convert_trusted, args)
+
+
+def convert_trusted(args):
+    """convert-pickle, only with --trust-this-file."""
+    if not args.trust_this_file:
+        raise InputError("refusing to unpickle without --trust-this-file: loading a pickle "
+                         "runs any code the file holds")
+    convert_pickle(args.path, args.out or args.path + ".state_dict.pt")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def dynamic_evaluate(model, train_data, source, bsz, bptt, amp, lr, decay, eps, 
     divided by the mean over parameters of mean(rms), clipped at 1 / decay. Gradients are
     taken without dropout in train mode (without_dropout), under fp16 with loss scaling
     (LossScale). The model's weights are restored afterwards. Returns (loss as
-    main.evaluate's, per-chunk loss sums)."""
+    training.evaluate's, per-chunk loss sums)."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     amp_ctx = autocast(source.device, amp)

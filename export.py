@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -41,9 +40,9 @@ import torch.nn as nn
 import modelfolder
 from checkpoint import first_line, load_checkpoint
 from model import model_from_checkpoint
-from flags import InputError, Parser
+from flags import InputError, Parser, run_script
 from outputs import Output, checkpoint_inputs, claim
-from utils import say
+from utils import atomic_path, say
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the exporter's own operator set; lower versions need a lossy conversion
@@ -325,16 +324,9 @@ def run(args):
         return
     require_onnx()
     model, config, vocab = load_model(args.checkpoint)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(args.output) + ".", suffix=".tmp")
-    os.close(fd)
-    try:  # exported and checked beside the output, then put in its place
+    with atomic_path(args.output) as tmp:  # exported and checked beside the output
         export_onnx(model, config, tmp, args.opset, vocab)
         worst = check_model(tmp, model, config)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     inputs, outputs = io_spec(config)
     size = os.path.getsize(args.output) / 2**20
     say(f"wrote {args.output} ({size:.1f} MiB, opset {args.opset}; onnxruntime matches torch "
@@ -344,14 +336,10 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_script(run, args)
     except ExportFailed as e:
         print(f"error: export failed: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ class InputError(ValueError):
     """Bad user input (flags, files, checkpoints): reported as one line, exit code 2."""
 
 
+def run_script(body, *args, errors=InputError):
+    """A script's main(): runs body(*args) and returns the exit code, 0; an error of
+    `errors` (an InputError unless told) is one line on stderr, "error: ...", and 2."""
+    try:
+        body(*args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2) instead of the usage dump; under torchrun
     only rank 0 prints it, so the line appears once. A flag must be spelled in full: an
@@ -600,8 +611,8 @@ def check_continue_flags(args, saved):
                          f"{saved['save']}, which its final test reads; drop --save, or start "
                          f"a new run from its weights with --resume")
     if args.budget and not saved.get("budget"):
-        raise InputError(f"--budget cannot be added on --continue: the run was planned without "
-                         f"one; give --max-steps to end it sooner or later")
+        raise InputError("--budget cannot be added on --continue: the run was planned without "
+                         "one; give --max-steps to end it sooner or later")
     if saved.get("budget") and args.budget != saved["budget"]:
         raise InputError(f"--budget cannot change on --continue: the run's budget "
                          f"({saved['budget']}) fixed --max-steps {saved['max_steps']}; give a "

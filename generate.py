@@ -22,7 +22,7 @@ import torch
 from data import decode_tokens, is_byte_vocabulary
 from checkpoint import load_checkpoint
 from model import model_from_checkpoint
-from flags import InputError, Parser, add_tf32_flag, add_threads_flag, check_seed
+from flags import InputError, Parser, add_tf32_flag, add_threads_flag, check_seed, run_script
 from runtime import autocast, pick_device
 from tokens import EOS, NEWLINE, UNK
 from utils import drop_stdout
@@ -275,10 +275,7 @@ def main(argv=None):
     """The command line; returns the exit code (2 for bad input)."""
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_script(run, args)
     except BrokenPipeError:  # the reader stopped early (e.g. `| head`): not an error
         drop_stdout()
         return 0

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from flags import MODEL_FLAGS, InputError
+from flags import MODEL_FLAGS, PAPER, InputError
 from runtime import out_of_memory
 
 LN_EPS = 1e-12
@@ -233,6 +233,7 @@ def attention_blocks(attn_layers, nlayers):
 class SHARNN(nn.Module):
     """The SHA-RNN. `forward(x, hidden, mems)` with token ids x `[T, B]` returns
     `(output [T, B, ninp], new_hidden, new_mems)`; `decoder(output)` gives the logits.
+    A keyword left out takes the paper's value, from flags.PAPER.
 
     attn_layers: block indices with attention; None is the paper's default, block nlayers - 2.
     mem_len: total attention window (memory + current positions); 0 carries no memory.
@@ -242,9 +243,10 @@ class SHARNN(nn.Module):
     tied decoder, for large word vocabularies.
     """
 
-    def __init__(self, ntoken, ninp, nhid, nlayers, dropout=0.1, dropouth=0.1, dropouti=0.1,
-                 attn_layers=None, heads=1, mem_len=5000, dropoute=0.0, wdrop=0.0, cutoffs=None,
-                 sdpa=True):
+    def __init__(self, ntoken, ninp, nhid, nlayers, dropout=PAPER["dropout"],
+                 dropouth=PAPER["dropouth"], dropouti=PAPER["dropouti"], attn_layers=None,
+                 heads=PAPER["heads"], mem_len=PAPER["mem_len"], dropoute=PAPER["dropoute"],
+                 wdrop=PAPER["wdrop"], cutoffs=None, sdpa=True):
         super().__init__()
         attn_layers = attention_blocks(attn_layers, nlayers)
         check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len,

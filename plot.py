@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from flags import InputError, Parser
+from flags import InputError, Parser, run_script
 from outputs import Output, claim
 from utils import atomic_write
 
@@ -259,20 +259,20 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:
         return e.code
-    try:
-        if args.output.strip() and not image_format(args.output) and not os.path.isdir(args.output):
-            args.output += ".png"
-        claim([Output("--output", args.output)],
-              [(f"the records of {run}", os.path.join(run, name)) for run in args.runs
-               for name in ("metrics.jsonl", "continues.jsonl")] +
-              [("a run folder", run) for run in args.runs], args.overwrite)
-        runs = [load_run(p, n) for p, n in zip(args.runs, run_names(args.runs))]
-        draw(runs, args.output, args.title, args.ymax)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_script(plot, args)
+
+
+def plot(args):
+    """Check the paths, draw the runs and say where."""
+    if args.output.strip() and not image_format(args.output) and not os.path.isdir(args.output):
+        args.output += ".png"
+    claim([Output("--output", args.output)],
+          [(f"the records of {run}", os.path.join(run, name)) for run in args.runs
+           for name in ("metrics.jsonl", "continues.jsonl")] +
+          [("a run folder", run) for run in args.runs], args.overwrite)
+    runs = [load_run(p, n) for p, n in zip(args.runs, run_names(args.runs))]
+    draw(runs, args.output, args.title, args.ymax)
     print(f"wrote {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data import SPLITS, split_files
-from flags import InputError, Parser
+from flags import InputError, Parser, run_script
 from outputs import Output, claim, script_command
 from tokens import NEWLINE
 from utils import atomic_write, say
@@ -396,15 +396,8 @@ def run_text(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "text":
-            run_text(args)
-        else:
-            ARCHIVES[args.command][1](args)
-    except (InputError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    run = run_text if args.command == "text" else ARCHIVES[args.command][1]
+    return run_script(run, args, errors=(InputError, OSError))
 
 
 if __name__ == "__main__":

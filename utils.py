@@ -2,6 +2,7 @@
 file writer, and the run records. torch is imported only where it is used, so that light
 scripts (plot.py) can use the rest."""
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -45,12 +46,14 @@ class _Recording:
         self.f.flush()
 
 
-def atomic_write(path, write):
-    """Call write(f) on a temporary binary file in the folder of `path`, flush and fsync it,
-    then rename it over `path`: a crash at any moment leaves the old file or the new one,
-    never half of one. The temporary is locked while it is written, so that
-    `remove_stale_temporaries` only removes what a dead writer left. Any failure to write
-    (a full disk among them) is an OSError; the temporary is removed."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path in the folder of `path` to write in full; when the block ends without
+    an error the file is fsynced and renamed over `path`: a crash at any moment leaves the
+    old file or the new one, never half of one. On any error the temporary is removed and
+    the error goes on. The temporary is locked until it is renamed, so that
+    `remove_stale_temporaries` only removes what a dead writer left. For writers that take a
+    file name (an exporter); atomic_write takes a file object."""
     folder = os.path.dirname(os.path.abspath(path))
     while True:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -62,7 +65,34 @@ def atomic_write(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # as any file the user writes, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as f:
+        yield tmp
+        for hook in WRITE_HOOKS:
+            hook(path)
+        written = os.open(tmp, os.O_RDONLY)  # the file at tmp now, whoever wrote it
+        try:
+            os.fsync(written)
+        finally:
+            os.close(written)
+        os.replace(tmp, path)  # while still locked
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        os.close(fd)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary binary file in the folder of `path`, then put it in place
+    (atomic_path). Any failure to write (a full disk among them) is an OSError; the temporary
+    is removed."""
+    with atomic_path(path) as tmp:  # os.fdopen: where the tests put a full disk
+        with os.fdopen(os.open(tmp, os.O_WRONLY), "wb") as f:
             recording = _Recording(f)
             try:
                 write(recording)
@@ -71,19 +101,6 @@ def atomic_write(path, write):
                 if recording.error:
                     raise recording.error from None
                 raise OSError(errno.EIO, f"write failed ({str(e).strip().splitlines()[-1]})") from None
-            for hook in WRITE_HOOKS:
-                hook(path)
-            os.fsync(f.fileno())
-            os.replace(tmp, path)  # while still locked
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def atomic_save(obj, path):

@@ -27,7 +27,7 @@ TOL = 1e-4
 
 
 def tiny_checkpoint(path, **overrides):
-    """A checkpoint like main.py's base_checkpoint() of a small model with non-trivial gates
+    """A checkpoint like checkpoint.base_checkpoint() of a small model with non-trivial gates
     and LayerNorms, so every term of the computation matters."""
     config = dict(CONFIG, **overrides)
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def tiny_model(vocab, **overrides):
 
 
 def save_checkpoint(path, vocab, force=None, **overrides):
-    """A checkpoint like main.py's base_checkpoint() of tiny_model(vocab). `force` names a
+    """A checkpoint like checkpoint.base_checkpoint() of tiny_model(vocab). `force` names a
     token the model then (almost) always predicts, through a large decoder bias."""
     model, config = tiny_model(vocab, **overrides)
     if force is not None:
