@@ -72,6 +72,47 @@ MODEL_FLAGS = {"emsize": "ninp", "nhid": "nhid", "nlayers": "nlayers", "heads": 
 NOT_CARRIED = ("continue_from", "resume", "dry_run", "allow_changed_data", "overwrite")  # flags --continue never takes over
 
 
+# --- the model's configuration: checked here, before anything is built, and by SHARNN ---
+
+def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts, names=None):
+    """Raise ValueError on an impossible model configuration. `names` gives the word each
+    message uses for an argument (main.py's flag names; default: the argument's own);
+    `ntoken` None leaves the vocabulary unchecked (flags are checked before it is known)."""
+    def name(key):
+        return (names or {}).get(key, key)
+
+    sizes = dict(ninp=ninp, nhid=nhid, nlayers=nlayers, heads=heads)
+    if ntoken is not None:
+        sizes = dict(ntoken=ntoken, **sizes)
+    for key, value in sizes.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name(key)} must be a positive integer, got {value!r}")
+    if mem_len < 0:
+        raise ValueError(f"{name('mem_len')} must be >= 0, got {mem_len}")
+    if nhid % ninp:
+        raise ValueError(f"{name('nhid')} {nhid} must be a multiple of {name('ninp')} {ninp}: "
+                         f"the Boom layer sums chunks of that width")
+    if ninp % heads:
+        raise ValueError(f"{name('ninp')} {ninp} must be divisible by {name('heads')} {heads}")
+    bad = [i for i in attn_layers if not 0 <= i < nlayers]
+    if bad:
+        raise ValueError(f"attention block {bad[0]} ({name('attn_layers')}) is out of range for "
+                         f"{name('nlayers')} {nlayers} (0 to {nlayers - 1})")
+    for key, p in dropouts.items():
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name(key)} must be in [0, 1), got {p}")
+
+
+def attention_blocks(attn_layers, nlayers):
+    """The sorted block indices with attention: "all", "none", a list of indices, or None
+    for the paper's single attention in block nlayers - 2."""
+    if attn_layers == "all":
+        return list(range(nlayers))
+    if attn_layers == "none":
+        return []
+    return sorted({nlayers - 2} if attn_layers is None else set(attn_layers))
+
+
 def launched_rank():
     """This process's torchrun rank, from its environment (0 when not under torchrun): read
     before the process group exists, so that only rank 0 reports bad input."""
@@ -377,9 +418,8 @@ def check_seed(seed):
 
 
 def check_model_flags(args):
-    """The model's own checks (model.check_config) on the model the flags describe, as an
+    """The model's own checks (check_config) on the model the flags describe, as an
     InputError in the flags' names."""
-    from model import attention_blocks, check_config  # here: flags.py itself needs no torch
     names = {key: "--" + flag.replace("_", "-") for flag, key in MODEL_FLAGS.items()}
     dropouts = {flag: getattr(args, flag, 0.0)
                 for flag in ("dropout", "dropouth", "dropouti", "dropoute", "wdrop")}
@@ -580,7 +620,6 @@ def settings_line(args, sources):
     """The start-up line of the settings in effect, each with where it came from. A flag that
     is off is left out: None, False, and a 0 that is its default; the attention blocks are
     shown as resolved (block nlayers-2 for the default)."""
-    from model import attention_blocks  # here: flags.py itself needs no torch
     shown = []
     for k in SHOWN:
         value, source = getattr(args, k), sources.get(k, "default")

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from flags import MODEL_FLAGS, PAPER, InputError
+from flags import MODEL_FLAGS, PAPER, InputError, attention_blocks, check_config
 from runtime import out_of_memory
 
 LN_EPS = 1e-12
@@ -189,45 +189,6 @@ def lstm_dtype(device_type, amp):
     if device_type == "cpu":
         return torch.float32 if amp == torch.float16 else amp
     return torch.float16 if amp == torch.float16 else torch.float32
-
-
-def check_config(ntoken, ninp, nhid, nlayers, attn_layers, heads, mem_len, dropouts, names=None):
-    """Raise ValueError on an impossible model configuration. `names` gives the word each
-    message uses for an argument (main.py's flag names; default: the argument's own);
-    `ntoken` None leaves the vocabulary unchecked (flags are checked before it is known)."""
-    def name(key):
-        return (names or {}).get(key, key)
-
-    sizes = dict(ninp=ninp, nhid=nhid, nlayers=nlayers, heads=heads)
-    if ntoken is not None:
-        sizes = dict(ntoken=ntoken, **sizes)
-    for key, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name(key)} must be a positive integer, got {value!r}")
-    if mem_len < 0:
-        raise ValueError(f"{name('mem_len')} must be >= 0, got {mem_len}")
-    if nhid % ninp:
-        raise ValueError(f"{name('nhid')} {nhid} must be a multiple of {name('ninp')} {ninp}: "
-                         f"the Boom layer sums chunks of that width")
-    if ninp % heads:
-        raise ValueError(f"{name('ninp')} {ninp} must be divisible by {name('heads')} {heads}")
-    bad = [i for i in attn_layers if not 0 <= i < nlayers]
-    if bad:
-        raise ValueError(f"attention block {bad[0]} ({name('attn_layers')}) is out of range for "
-                         f"{name('nlayers')} {nlayers} (0 to {nlayers - 1})")
-    for key, p in dropouts.items():
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{name(key)} must be in [0, 1), got {p}")
-
-
-def attention_blocks(attn_layers, nlayers):
-    """The sorted block indices with attention: "all", "none", a list of indices, or None
-    for the paper's single attention in block nlayers - 2."""
-    if attn_layers == "all":
-        return list(range(nlayers))
-    if attn_layers == "none":
-        return []
-    return sorted({nlayers - 2} if attn_layers is None else set(attn_layers))
 
 
 class SHARNN(nn.Module):
