@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gpu_check
+import runtime
 from flags import (PAPER, InputError, Parser, add_device_flags, add_model_flags, check_model_flags,
                    check_seed, run_script)
 from model import LN_EPS, autocast_dtype, gelu, lstm_dtype, model_config
 from model import build_model as build_sharnn
-from runtime import amp_dtype, amp_mode, autocast, make_scaler, out_of_memory, pick_device
+from runtime import amp_dtype, amp_mode, autocast, make_scaler, out_of_memory
 from schedule import Schedule
 from training import (Progress, build_optimizer, check_fits, device_memory, make_step,
                       place_model, train_batch)
@@ -459,7 +460,7 @@ class Timing:
 def start_device(args):
     """The device of the flags, with --threads, and (CUDA) its memory freed and its peak
     memory count restarted."""
-    device = pick_device(args.device, not args.no_tf32)
+    device = runtime.pick_device(args.device, not args.no_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

@@ -38,12 +38,13 @@ import torch
 import torch.distributed as dist
 
 import modelfolder
+import utils
 from flags import InputError, Parser, check_checkpoint_name, check_recorded, run_script
 from outputs import Output, claim, script_command
 from model import SHARNN, attn_layers_in
 from runtime import agree, gather_columns
 from training import Carry, Progress
-from utils import LOG2, atomic_save, say
+from utils import LOG2, say
 
 FORMAT = "sha-rnn"  # marks checkpoints written by this project
 VERSION = 1         # of the format: a checkpoint of a newer version is refused on load
@@ -378,7 +379,7 @@ def write_collectively(run, make, path):
         skipped = not all_finite(run.model)
         if not skipped:
             try:
-                atomic_save(make(), path)
+                utils.atomic_save(make(), path)
             except OSError as e:
                 error = f"cannot write {path}: {e.strerror or e}; the files written before are intact"
     failed, skipped = agree(run.d, run.device, float(error is not None), float(skipped))
@@ -445,7 +446,7 @@ def convert_pickle(path, out):
     model = obj[0] if isinstance(obj, (list, tuple)) and obj else obj
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"{path} holds no model (found {type(model).__name__})")
-    atomic_save(model.state_dict(), out)
+    utils.atomic_save(model.state_dict(), out)
     say(f"wrote the state_dict of {path} to {out}; pass it to --resume")
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+import utils
 from flags import InputError
 from tokens import EOS, UNK, compact_dtype, split_ids, train_vocab_and_ids
-from utils import atomic_save, remove_stale_temporaries
+from utils import remove_stale_temporaries
 
 SPLITS = ("train", "valid", "test")
 CACHE_NAME = "corpus.cache.pt"
@@ -132,7 +133,7 @@ def _load_cache(path, key):
 def _save_cache(path, state):
     """Write the cache atomically; an unwritable folder or a full disk just skips it."""
     with contextlib.suppress(OSError):
-        atomic_save(state, str(path))
+        utils.atomic_save(state, str(path))
 
 
 def split_files(folder):

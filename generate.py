@@ -19,11 +19,12 @@ import sys
 
 import torch
 
+import runtime
 from data import decode_tokens, is_byte_vocabulary
 from checkpoint import load_checkpoint
 from model import model_from_checkpoint
 from flags import InputError, Parser, add_tf32_flag, add_threads_flag, check_seed, run_script
-from runtime import autocast, pick_device
+from runtime import autocast
 from tokens import EOS, NEWLINE, UNK
 from utils import drop_stdout
 
@@ -250,7 +251,7 @@ def load_model(path, device):
 def run(args):
     """Load the checkpoint, read and tokenise the prime, stream the sample; the exit code."""
     check_args(args)
-    device = pick_device(args.device, not args.no_tf32)
+    device = runtime.pick_device(args.device, not args.no_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, vocab = load_model(args.checkpoint, device)

@@ -35,13 +35,14 @@ import budget
 import checkpoint as ckpt
 import data
 import outputs
+import runtime
 import training
 from data import corpus_files
 from dyneval import dynamic_evaluate
 from model import model_for
 from flags import (BUDGET_RULES, TEST_BATCH_SIZE, InputError, assign, eval_batch_size,
                    launched_rank, resolve_flags, settings_line)
-from runtime import Dist, Stop, agree, amp_mode, leave, pick_device, setup_distributed
+from runtime import Dist, Stop, agree, amp_mode, leave, setup_distributed
 from schedule import Schedule, plan_run, sample_seq_len
 from training import (Limits, Meter, SaveTimer, Step, averaged_weights, build_optimizer,
                       check_fits, device_data, distributed, make_step, place_model, train_batch)
@@ -548,7 +549,7 @@ def main(argv=None):
             args, start, sources, notes = resolve_flags(argv, ckpt.load_start)
             tmp = tempfile.mkdtemp(prefix="sharnn-dry-run-") if args.dry_run else None
             paths = outputs.plan(args, tmp)
-            d, device = setup_distributed(pick_device(args.device, not args.no_tf32))
+            d, device = setup_distributed(runtime.pick_device(args.device, not args.no_tf32))
             lock = claim_outputs(args, paths, start, d, device, tmp)
             run, progress = setup(args, d, device, start, paths, stop, sources, started)
             try:

@@ -15,6 +15,7 @@ from conftest import ROOT, SMALL, perturb, run_cli
 from flags import InputError
 from lamb import Lamb
 import model as model_module
+import runtime
 from model import SHARNN, lstm_dtype
 from runtime import autocast, make_scaler
 
@@ -228,7 +229,6 @@ def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_d
 
 def test_cuda_runs_float32_matrix_products_in_tf32_unless_no_tf32(monkeypatch):
     """pick_device turns TF32 on for CUDA (off with tf32=False) and leaves the CPU as it is."""
-    import runtime
     flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         for setting in ((True, False), (False, True)):
@@ -256,7 +256,7 @@ def test_no_tf32_reaches_the_device_choice(monkeypatch, script, argv):
         seen.append(tf32)
         raise InputError("stop here")
 
-    monkeypatch.setattr(module, "pick_device", pick)
+    monkeypatch.setattr(runtime, "pick_device", pick)
     entry = getattr(module, "main_cli", None) or module.main
     assert entry(argv) == 2 and entry(argv + ["--no-tf32"]) == 2
     assert seen == [True, False]

@@ -15,6 +15,7 @@ import torch
 import data
 import prepare
 import tokens
+import utils
 from conftest import ROOT
 from flags import InputError
 
@@ -320,7 +321,7 @@ def test_cache_false_neither_reads_nor_writes(tmp_path, monkeypatch):
 def test_unwritable_folder_skips_the_cache(tmp_path, monkeypatch):
     def refuse(*args):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(data, "atomic_save", refuse)
+    monkeypatch.setattr(utils, "atomic_save", refuse)
     folder = make_corpus(tmp_path, "a b\n", "a\n", "b\n")
     assert ids(data.Corpus(folder).train) == [0, 1, 2]
     assert not (folder / data.CACHE_NAME).exists()

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
 import checkpoint
 import outputs
+import utils
 
 
 def cli(*argv, timeout=300):
@@ -45,7 +46,7 @@ def digest(path):
 
 def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    checkpoint.atomic_save({"a": torch.ones(3)}, path)
+    utils.atomic_save({"a": torch.ones(3)}, path)
     before = digest(path)
 
     def broken(obj, f):
@@ -54,7 +55,7 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError):
-        checkpoint.atomic_save({"a": torch.zeros(3)}, path)
+        utils.atomic_save({"a": torch.zeros(3)}, path)
     assert digest(path) == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
@@ -240,7 +241,6 @@ def test_a_reader_gone_mid_run_stops_it_with_the_last_checkpoint_written(corpus_
 def test_prepare_leaves_no_half_written_folder(tmp_path, monkeypatch):
     import errno
     import prepare
-    import utils
 
     def full_disk(path):
         if str(path).endswith("test.txt.raw"):

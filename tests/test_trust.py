@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-import checkpoint
 import data
 import main
 import training
+import utils
 from conftest import ROOT, SMALL, run_cli
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -117,20 +117,20 @@ def test_continue_refuses_a_change_it_cannot_honour(corpus_dir, tmp_path, flag, 
 
 def test_a_full_disk_keeps_the_epoch_in_the_last_checkpoint(corpus_dir, tmp_path, capsys, monkeypatch):
     save = str(tmp_path / "m.pt")
-    real = checkpoint.atomic_save
+    real = utils.atomic_save
 
     def full(obj, path):
         if path == save:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, path)
 
-    monkeypatch.setattr(checkpoint, "atomic_save", full)
+    monkeypatch.setattr(utils, "atomic_save", full)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "2", *SMALL)
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err
     assert not os.path.exists(save)
     last = torch.load(str(tmp_path / "m.last.pt"), weights_only=True)
     assert last["progress"]["epoch"] == 0 and last["progress"]["batch"] > 0  # the epoch's work
-    monkeypatch.setattr(checkpoint, "atomic_save", real)
+    monkeypatch.setattr(utils, "atomic_save", real)
     code, out, err = run_cli(capsys, "--continue", str(tmp_path / "m.last.pt"))
     assert code == 0, err
     assert "| end of epoch   1 |" in out and "| end of epoch   2 |" in out
