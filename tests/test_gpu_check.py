@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import gpu_check
 from conftest import ROOT
@@ -187,7 +188,7 @@ def test_a_sigterm_ends_the_check_and_the_measurement_it_runs(fake, monkeypatch,
     """An outer `timeout` past the deadline: the check exits 143, and the measurement then
     running (started in a session of its own) is killed with what it started."""
     monkeypatch.setenv("FAKE_HANG", str(tmp_path / "hang.pid"))
-    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check, "check", lambda: gpu_check.sub_run(
         gpu_check.BENCH, ["--amp", "fp16", "--compile"], 60))
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))

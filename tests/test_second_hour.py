@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_a_dry_run_logs_each_batch_and_a_stopped_one_prints_no_continue_command(
     assert "Dry run: 3 training batches of up to 16 x 4 tokens" in out
     assert re.findall(r"\| epoch   1 \| +(\d+)/", out) == ["1", "2", "3"]  # --log-interval 50 given
     folders = []
-    real_mkdtemp, real_log_train = main.tempfile.mkdtemp, main.log_train
+    real_mkdtemp, real_log_train = tempfile.mkdtemp, main.log_train
 
     def mkdtemp(**kwargs):
         folders.append(real_mkdtemp(**kwargs))
@@ -212,7 +213,7 @@ def test_a_dry_run_logs_each_batch_and_a_stopped_one_prints_no_continue_command(
         real_log_train(*args)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(main.tempfile, "mkdtemp", mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
     monkeypatch.setattr(main, "log_train", log_train)
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
                              "--dry-run", *SMALL)
