@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from model import SHARNN  # noqa: E402
 from prepare import byte_format  # noqa: E402
 
 # Flags for a tiny, quick training run of main.py on the CPU. SMALL_WITH_PROGRESS leaves the
@@ -36,13 +37,24 @@ WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in o
          "under a grey sky near the river bank").split()
 
 
-def perturb(model):
-    """Give the attention gates and LayerNorms non-trivial values (they start at 0 and 1), so
-    that every term of the computation matters; returns the model."""
+def tiny_model(ntoken=23, ninp=16, nhid=32, nlayers=2, seed=0, **overrides):
+    """A small SHARNN, built right after torch.manual_seed(seed) (seed None: from the random
+    stream as it stands), without dropout unless `overrides` sets some; `overrides` are
+    SHARNN's other arguments (attn_layers, heads, mem_len, cutoffs, sdpa, the dropouts)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    rates = {"dropout": 0.0, "dropouth": 0.0, "dropouti": 0.0}
+    return SHARNN(ntoken, ninp, nhid, nlayers, **{**rates, **overrides})
+
+
+def perturb(model, scale=0.5):
+    """Give the attention gates and LayerNorms non-trivial values (they start at 0 and 1),
+    adding `scale` times a normal draw, so that every term of the computation matters;
+    returns the model."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith((".qs", ".ks", ".vs")) or ".ln" in name or ".qln" in name:
-                p.add_(0.5 * torch.randn_like(p))
+                p.add_(scale * torch.randn_like(p))
     return model
 
 

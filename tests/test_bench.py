@@ -12,27 +12,14 @@ import torch
 import bench
 from training import Carry, Step, WithLoss, build_optimizer, make_step, train_step
 from runtime import make_scaler
-from conftest import ROOT
+from conftest import ROOT, perturb, tiny_model
 from lamb import Lamb
-from model import SHARNN
 
 CPU = torch.device("cpu")
 TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "8", "--batch_size", "2",
         "--mem-len", "20", "--ntoken", "20", "--steps", "2", "--warmup-steps", "1",
         "--device", "cpu", "--threads", "1"]
 RESULT = r"[\d,]+\.\d ms/batch, [\d,]+ tokens/s, peak [\d,]+ MB"
-
-
-def tiny_model(sdpa, attn_layers=(0, 1), heads=2, seed=0):
-    """Two blocks, no dropout, a memory shorter than what the steps produce (so it is cut)."""
-    torch.manual_seed(seed)
-    model = SHARNN(23, 16, 32, 2, dropout=0.0, dropouth=0.0, dropouti=0.0,
-                   attn_layers=list(attn_layers), heads=heads, mem_len=13, sdpa=sdpa)
-    with torch.no_grad():  # non-zero gates and LayerNorm parameters, so every path matters
-        for name, p in model.named_parameters():
-            if name.endswith(("qs", "ks", "vs")) or "ln" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model.train()
 
 
 def batches(n=4, bptt=6, bsz=3):
@@ -42,7 +29,10 @@ def batches(n=4, bptt=6, bsz=3):
 @pytest.mark.parametrize("sdpa,attn_layers,heads", [(True, (0, 1), 2), (False, (0, 1), 1),
                                                     (True, (0,), 1), (False, (), 1)])
 def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_layers, heads):
-    model = tiny_model(sdpa, attn_layers, heads)
+    # Two blocks, a memory shorter than what the steps produce (so it is cut), non-zero gates
+    # and LayerNorm parameters (so every path matters).
+    model = perturb(tiny_model(attn_layers=list(attn_layers), heads=heads, mem_len=13, sdpa=sdpa),
+                    scale=0.3).train()
     twin = copy.deepcopy(model)
     P, cfg = dict(twin.named_parameters()), bench.floor_config(twin)
     run = Step(model, WithLoss(model), None, make_scaler(CPU, "none"), 0.25, CPU, "none")
@@ -71,7 +61,8 @@ def test_floor_has_the_models_loss_and_gradients_with_carried_state(sdpa, attn_l
 
 @pytest.mark.parametrize("sdpa", [True, False])
 def test_floor_step_matches_the_real_training_step(sdpa):
-    model = tiny_model(sdpa)
+    model = perturb(tiny_model(attn_layers=[0, 1], heads=2, mem_len=13, sdpa=sdpa),
+                    scale=0.3).train()
     twin = copy.deepcopy(model)
     P = dict(twin.named_parameters())
     args = bench.build_parser().parse_args(["--device", "cpu", "--amp", "none"])
@@ -98,12 +89,12 @@ def test_optimizer_is_the_papers_lamb():
 
 def test_warmup_fills_the_attention_memory():
     args = bench.build_parser().parse_args([])
-    model = SHARNN(205, 8, 16, 4, mem_len=5000)
+    model = tiny_model(205, 8, 16, 4, mem_len=5000)
     assert bench.warmup_steps(args, model) == 5 + 2  # ceil(5000 / 1024) + 2
     args = bench.build_parser().parse_args(["--warmup-steps", "20"])
     assert bench.warmup_steps(args, model) == 20
     args = bench.build_parser().parse_args(["--attn-layers", "none", "--warmup-steps", "1"])
-    assert bench.warmup_steps(args, SHARNN(205, 8, 16, 4, attn_layers=[])) == 1
+    assert bench.warmup_steps(args, tiny_model(205, 8, 16, 4, attn_layers=[])) == 1
 
 
 def test_synthetic_batches_are_seeded_and_shifted():

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model import SHARNN
+from conftest import tiny_model
 from runtime import Dist
 from training import Carry, distributed, make_step, train_step
 
@@ -18,11 +18,8 @@ CPU = torch.device("cpu")
 STEPS = 3
 
 
-def adaptive_model():
-    torch.manual_seed(0)
-    # Targets only below 10: the last cluster gets no gradient, as a batch of frequent words.
-    return SHARNN(20, 16, 32, 2, attn_layers=[1], mem_len=16, dropout=0.0, dropouth=0.0,
-                  dropouti=0.0, cutoffs=[5, 10])
+# Targets only below 10: the last cluster gets no gradient, as a batch of frequent words.
+ADAPTIVE = dict(ntoken=20, attn_layers=[1], mem_len=16, cutoffs=[5, 10])
 
 
 def batches():
@@ -41,7 +38,7 @@ def train(step, columns):
 def rank_main(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        model = adaptive_model()
+        model = tiny_model(**ADAPTIVE)
         step = make_step(model, ARGS, CPU, net=distributed(model, CPU))
         torch.save(train(step, Dist(rank, 2).share(4)), os.path.join(out, f"rank{rank}.pt"))
     finally:
@@ -50,13 +47,13 @@ def rank_main(rank, store, out):
 
 def test_two_ranks_with_the_adaptive_softmax_take_the_single_process_step(tmp_path):
     mp.spawn(rank_main, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    model = adaptive_model()
+    model = tiny_model(**ADAPTIVE)
     one = train(make_step(model, ARGS, CPU), slice(0, 4))
     for rank in (0, 1):
         weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert weights.keys() == one.keys()
         for key, value in one.items():
             torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6, msg=key)
-    start = adaptive_model().state_dict()
+    start = tiny_model(**ADAPTIVE).state_dict()
     assert not torch.equal(one["adaptive.head.weight"], start["adaptive.head.weight"])
     assert torch.equal(one["adaptive.tail.1.1.weight"], start["adaptive.tail.1.1.weight"])

@@ -16,8 +16,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 import export  # noqa: E402
-from conftest import ROOT, perturb  # noqa: E402
-from model import SHARNN  # noqa: E402
+from conftest import ROOT, perturb, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ONNX export
 
@@ -30,9 +29,7 @@ def tiny_checkpoint(path, **overrides):
     """A checkpoint like checkpoint.base_checkpoint() of a small model with non-trivial gates
     and LayerNorms, so every term of the computation matters."""
     config = dict(CONFIG, **overrides)
-    torch.manual_seed(0)
-    model = SHARNN(**config)
-    perturb(model)
+    model = perturb(tiny_model(**config))
     torch.save({"format": "sha-rnn", "version": 1, "model": model.state_dict(), "config": config,
                 "vocab": [f"t{i}" for i in range(config["ntoken"])], "metrics": {},
                 "args": {}}, path)

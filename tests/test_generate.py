@@ -9,7 +9,7 @@ import torch
 
 import generate
 from data import EOS
-from conftest import ROOT, perturb
+from conftest import ROOT, perturb, tiny_model
 from model import SHARNN
 from checkpoint import FORMAT
 
@@ -29,20 +29,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(vocab, **overrides):
-    """A small random SHA-RNN over `vocab` with non-trivial attention gates and LayerNorms,
-    so that every term of the computation matters; eval mode."""
+def vocab_model(vocab, **overrides):
+    """conftest's tiny model over `vocab` with non-trivial attention gates and LayerNorms,
+    so that every term of the computation matters, in eval mode, and its config."""
     config = dict(CONFIG, ntoken=len(vocab), **overrides)
-    torch.manual_seed(0)
-    model = SHARNN(**config)
-    perturb(model)
-    return model.eval(), config
+    return perturb(tiny_model(**config)).eval(), config
 
 
 def save_checkpoint(path, vocab, force=None, **overrides):
-    """A checkpoint like checkpoint.base_checkpoint() of tiny_model(vocab). `force` names a
+    """A checkpoint like checkpoint.base_checkpoint() of vocab_model(vocab). `force` names a
     token the model then (almost) always predicts, through a large decoder bias."""
-    model, config = tiny_model(vocab, **overrides)
+    model, config = vocab_model(vocab, **overrides)
     if force is not None:
         with torch.no_grad():
             model.decoder.bias[vocab.index(force)] = 100.0
@@ -123,7 +120,7 @@ def test_word_prime_gets_eos_per_line_break_only():
 # --- feeding the prime with carried state --------------------------------------------------
 
 def test_prime_fed_in_chunks_matches_one_forward_pass():
-    model, _ = tiny_model(BYTES, mem_len=200)
+    model, _ = vocab_model(BYTES, mem_len=200)
     ids = torch.randint(0, len(BYTES), (150,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full, _, _ = model(ids.unsqueeze(1))  # [150, 1, E]
@@ -137,7 +134,7 @@ def test_memory_carries_across_prime_and_generation(monkeypatch):
     """With the window covering everything, the distribution at every generation step
     equals that of one forward pass over the prime and all the tokens sampled before:
     the hidden states and memories are carried from the prime into generation."""
-    model, _ = tiny_model(BYTES, mem_len=200)
+    model, _ = vocab_model(BYTES, mem_len=200)
     prime = generate.tokenize("the cat sat on the mat.\nthe dog ran", BYTES)
     seen = []
     log_probs = model.log_probs
@@ -160,7 +157,7 @@ def test_memory_carries_across_prime_and_generation(monkeypatch):
 
 
 def test_top_k_1_is_the_greedy_sequence_with_a_short_window():
-    model, _ = tiny_model(BYTES)  # mem_len 20: the memory is cut during the run
+    model, _ = vocab_model(BYTES)  # mem_len 20: the memory is cut during the run
     prime = generate.tokenize("a cat sat on the mat", BYTES)
     want = greedy_carried(model, prime, 60)
     assert sampled(model, BYTES, prime, 60, top_k=1, seed=0) == want
@@ -168,14 +165,14 @@ def test_top_k_1_is_the_greedy_sequence_with_a_short_window():
 
 
 def test_temperature_near_zero_is_greedy():
-    model, _ = tiny_model(BYTES)
+    model, _ = vocab_model(BYTES)
     prime = generate.tokenize("the dog ", BYTES)
     assert sampled(model, BYTES, prime, 40, temperature=1e-6, seed=3) == greedy_carried(
         model, prime, 40)
 
 
 def test_top_k_samples_only_among_the_k_most_likely():
-    model, _ = tiny_model(BYTES)
+    model, _ = vocab_model(BYTES)
     last, _, _ = generate.feed(model, torch.tensor(generate.tokenize("the ", BYTES)))
     top3 = set(model.log_probs(last)[0].topk(3).indices.tolist())
     g = torch.Generator().manual_seed(0)
@@ -184,13 +181,13 @@ def test_top_k_samples_only_among_the_k_most_likely():
 
 
 def test_empty_prime_starts_from_eos():
-    model, _ = tiny_model(BYTES)
+    model, _ = vocab_model(BYTES)
     assert sampled(model, BYTES, [], 30, seed=2) == sampled(model, BYTES, ids_of([EOS], BYTES),
                                                             30, seed=2)
 
 
 def test_generate_yields_exactly_length_ids():
-    model, _ = tiny_model(BYTES)
+    model, _ = vocab_model(BYTES)
     for length in (0, 1, 13):
         ids = sampled(model, BYTES, ids_of(["97"], BYTES), length)
         assert len(ids) == length and all(0 <= i < len(BYTES) for i in ids)

@@ -6,18 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import perturb
+from conftest import perturb, tiny_model
 from model import SHARNN, attn_layers_in
 
 
-def tiny(**kw):
-    cfg = dict(ntoken=11, ninp=8, nhid=16, nlayers=3, dropout=0.0, dropouth=0.0, dropouti=0.0)
+def float64_model(**kw):
+    """conftest's tiny model at these sizes in float64, with non-trivial gates and
+    LayerNorms so that every term of the computation matters; eval mode."""
+    cfg = dict(ntoken=11, ninp=8, nhid=16, nlayers=3)
     cfg.update(kw)
-    torch.manual_seed(0)
-    model = SHARNN(**cfg).double()
-    # Non-trivial gates and LayerNorms so every term of the computation matters.
-    perturb(model)
-    return model.eval()
+    return perturb(tiny_model(**cfg).double()).eval()
 
 
 # --- sizes and initialisation ------------------------------------------------------------
@@ -48,13 +46,13 @@ def test_initialisation():
 
 
 def test_parameter_names_follow_the_original():
-    names = set(tiny(nlayers=4).state_dict())
+    names = set(float64_model(nlayers=4).state_dict())
     assert {"encoder.weight", "decoder.weight", "decoder.bias", "blocks.2.attn.qs",
             "blocks.2.attn.vq.l1.weight", "blocks.2.attn.qln.bias", "blocks.2.lnmem.weight",
             "blocks.0.rnn.weight_hh_l0", "blocks.3.ff.linear1.bias", "blocks.1.lnxff.bias"} <= names
     assert not any(".lnout." in n or "qkvs" in n or "r_gate" in n for n in names)
     assert not any(n.startswith(("blocks.0.lnmid", "blocks.0.attn", "blocks.3.lnmem")) for n in names)
-    assert attn_layers_in(tiny(nlayers=4).state_dict()) == [2]
+    assert attn_layers_in(float64_model(nlayers=4).state_dict()) == [2]
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -71,7 +69,7 @@ def test_impossible_configs_raise(kw, message):
     cfg = dict(ntoken=11, ninp=8, nhid=16, nlayers=3)
     cfg.update(kw)
     with pytest.raises(ValueError, match=message):
-        SHARNN(**cfg)
+        tiny_model(**cfg)
 
 
 # --- numerics against an independent reference computation ------------------------------
@@ -135,7 +133,7 @@ def reference(model, x, hidden=None, mems=None):
 
 @pytest.mark.parametrize("kw", [dict(), dict(attn_layers=[0, 1, 2], heads=2), dict(sdpa=False)])
 def test_forward_matches_reference(kw):
-    model = tiny(mem_len=9, **kw)
+    model = float64_model(mem_len=9, **kw)
     x = torch.randint(0, 11, (6, 3))
     out, hid, mems = model(x)
     ref, ref_hid, ref_mems = reference(model, x)
@@ -153,8 +151,8 @@ def test_forward_matches_reference(kw):
 
 
 def test_sdpa_equals_plain_attention():
-    model = tiny(attn_layers=[0, 2], heads=2)
-    plain = tiny(attn_layers=[0, 2], heads=2, sdpa=False)
+    model = float64_model(attn_layers=[0, 2], heads=2)
+    plain = float64_model(attn_layers=[0, 2], heads=2, sdpa=False)
     plain.load_state_dict(model.state_dict())
     x = torch.randint(0, 11, (7, 2))
     a, hid, mems = model(x)
@@ -165,7 +163,7 @@ def test_sdpa_equals_plain_attention():
 
 
 def test_loss_is_full_softmax_cross_entropy():
-    model = tiny()
+    model = float64_model()
     x, y = torch.randint(0, 11, (4, 2)), torch.randint(0, 11, (4, 2))
     out = model(x)[0]
     logp = torch.log_softmax(out @ model.encoder.weight.T + model.decoder.bias, dim=-1)
@@ -178,7 +176,7 @@ def test_loss_is_full_softmax_cross_entropy():
 
 @pytest.mark.parametrize("kw", [dict(), dict(attn_layers=[0, 1, 2], heads=2)])
 def test_two_chunks_equal_whole_sequence(kw):
-    model = tiny(mem_len=50, **kw)
+    model = float64_model(mem_len=50, **kw)
     x = torch.randint(0, 11, (23, 4))
     whole, whole_hidden, whole_mems = model(x)
     a, hidden, mems = model(x[:9])
@@ -194,7 +192,7 @@ def test_two_chunks_equal_whole_sequence(kw):
 
 
 def test_causality():
-    model = tiny(attn_layers=[0, 1, 2], mem_len=30)
+    model = float64_model(attn_layers=[0, 1, 2], mem_len=30)
     x = torch.randint(0, 11, (12, 2))
     prime = torch.randint(0, 11, (6, 2))
     _, hidden, mems = model(prime)
@@ -208,7 +206,7 @@ def test_causality():
 
 
 def test_memory_keeps_exactly_the_last_mem_len_positions():
-    model = tiny(mem_len=12, attn_layers=[0, 2])
+    model = float64_model(mem_len=12, attn_layers=[0, 2])
     captured = []
     model.blocks[2].lnmem.register_forward_hook(lambda mod, inp, out: captured.append(out))
     x = torch.randint(0, 11, (40, 2))
@@ -227,13 +225,13 @@ def test_memory_keeps_exactly_the_last_mem_len_positions():
 
 
 def test_mem_len_zero_carries_no_memory():
-    model = tiny(mem_len=0)
+    model = float64_model(mem_len=0)
     x = torch.randint(0, 11, (10, 2))
     out1, hidden, mems = model(x[:4])
     assert all(m is None for m in mems)
     out2 = model(x[4:], hidden, mems)[0]
     # Same as attention restricted to the current chunk: only the LSTM state carries over.
-    fresh = tiny(mem_len=50)
+    fresh = float64_model(mem_len=50)
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(out2, fresh(x[4:], hidden, None)[0], rtol=1e-12, atol=1e-12)
 
@@ -256,8 +254,8 @@ def original_style(model):
 
 
 def test_load_original_state_dict():
-    source = tiny()
-    target = SHARNN(11, 8, 16, 3).double().eval()
+    source = float64_model()
+    target = tiny_model(11, 8, 16, 3).double().eval()
     target.load_original_state_dict(original_style(source))
     x = torch.randint(0, 11, (5, 2))
     torch.testing.assert_close(target(x)[0], source(x)[0], rtol=0, atol=0)
@@ -271,19 +269,16 @@ def test_load_original_state_dict():
     (lambda sd: sd.__setitem__("blocks.0.attn.qs", torch.zeros(1, 1, 8)), r"attention in blocks \[0, 1\]"),
 ])
 def test_load_original_state_dict_fails_loudly(change, message):
-    sd = original_style(tiny())
+    sd = original_style(float64_model())
     change(sd)
     with pytest.raises(ValueError, match=message):
-        SHARNN(11, 8, 16, 3).load_original_state_dict(sd)
+        tiny_model(11, 8, 16, 3).load_original_state_dict(sd)
 
 
 def test_dropouts_set_after_building_give_the_model_built_with_them():
     rates = dict(dropout=0.1, dropouth=0.2, dropouti=0.3, dropoute=0.1, wdrop=0.2)
-    torch.manual_seed(3)
-    built = SHARNN(20, 16, 32, 2, attn_layers=[0, 1], mem_len=12, **rates).train()
-    torch.manual_seed(3)
-    changed = SHARNN(20, 16, 32, 2, attn_layers=[0, 1], mem_len=12, dropout=0.0, dropouth=0.0,
-                     dropouti=0.0).train()
+    built = tiny_model(20, attn_layers=[0, 1], mem_len=12, seed=3, **rates).train()
+    changed = tiny_model(20, attn_layers=[0, 1], mem_len=12, seed=3).train()
     changed.set_dropouts(**rates)
     x = torch.randint(0, 20, (9, 3))
     torch.manual_seed(4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, perturb, run_cli, sentences, write_corpus
+from conftest import SMALL, perturb, run_cli, sentences, tiny_model, write_corpus
 from data import Corpus, batchify
 from dyneval import GROWTH_INTERVAL, LossScale, dynamic_evaluate
 from lamb import Lamb
@@ -26,11 +26,10 @@ def reference_run(folder, epochs, accumulate, when):
     """Two epochs as the original trains them, written out with no code from main.py:
     returns (final weights, lr of every batch, optimizer steps)."""
     corpus = Corpus(folder, cache=False)
-    torch.manual_seed(SEED)
     rng = np.random.RandomState(SEED)
-    model = SHARNN(len(corpus.dictionary), int(flag("--emsize")), int(flag("--nhid")),
-                   int(flag("--nlayers")), attn_layers=[0], mem_len=int(flag("--mem-len")),
-                   dropout=0.0, dropouth=0.0, dropouti=0.0)
+    model = tiny_model(len(corpus.dictionary), int(flag("--emsize")), int(flag("--nhid")),
+                       int(flag("--nlayers")), attn_layers=[0], mem_len=int(flag("--mem-len")),
+                       seed=SEED)
     params = list(model.parameters())
     optimizer = Lamb(params, lr=LR, weight_decay=WDECAY, min_trust=0.25)
     train = batchify(corpus.train, BSZ)
