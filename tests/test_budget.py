@@ -131,23 +131,6 @@ def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_d
     assert code == 2 and "--max-steps" in err and err.count("\n") == 1
 
 
-def test_cpu_small_regularises_more_the_more_epochs_its_budget_covers():
-    rule = flags.BUDGET_RULES["cpu-small"]["regularise"]
-    assert flags.by_limit(rule, 4.2) == {}  # about 2 minutes on data/sample
-    assert flags.by_limit(rule, 6.5)["dropout"] == 0.1 and flags.by_limit(rule, 6.5)["wdecay"] == 0.1
-    assert flags.by_limit(rule, 25)["dropout"] == 0.2 and flags.by_limit(rule, 25)["wdrop"] == 0.3
-    sizes = flags.BUDGET_RULES["cpu-small"]["size"]
-    assert flags.by_limit(sizes, 120) == {} and flags.by_limit(sizes, 300)["emsize"] == 256
-
-
-def test_budget_and_max_steps_exclude_each_other():
-    with pytest.raises(flags.InputError, match="--budget"):
-        flags.resolve_flags(["--budget", "5min", "--max-steps", "10"], lambda args: None)
-    assert flags.budget_seconds("1.5h") == 5400 and flags.budget_seconds("90s") == 90
-    assert flags.budget_seconds("5 min") is None and flags.budget_seconds("abc") is None
-    assert flags.budget_seconds("24h") == 86400
-
-
 def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_path, capsys, ticking):
     """cpu-small's rule: past 4 epochs of the data, the cheap dropouts and weight decay,
     set after the first measurement (which then runs again); the run is then that of the

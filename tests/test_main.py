@@ -7,7 +7,6 @@ import re
 import pytest
 import torch
 
-import flags
 import main
 from conftest import SMALL, run_cli
 from flags import parse_args
@@ -71,27 +70,6 @@ def test_dry_run_writes_nothing(capsys, corpus_dir, tmp_path):
     assert "| end of epoch   1 |" in out and END_LINE.search(end)
     assert re.fullmatch(r"2 of \d+ chunks", mark)
     assert set(os.listdir(tmp_path)) - {"data"} == before - {"data"}
-
-
-def test_paper_commands_parse():
-    first = ("--epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 --data data/enwik8/ "
-             "--save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb --bptt 1024 "
-             "--warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 --batch_size 16").split()
-    args = parse_args(first)
-    defaults = parse_args([])
-    for key in ("epochs", "dropouth", "dropout", "data", "save", "log_interval", "seed", "optimizer",
-                "bptt", "warmup", "lr", "emsize", "nhid", "nlayers", "batch_size", "clip", "wdecay"):
-        assert getattr(args, key) == getattr(defaults, key), key  # the defaults are the paper's
-    second = parse_args(first + "--epochs 5 --resume ENWIK8.pt --lr 1e-3 --seed 125".split())
-    assert (second.epochs, second.resume, second.lr, second.seed) == (5, "ENWIK8.pt", 1e-3, 125)
-    # A checkpoint's values stand in for flags not given; given flags win.
-    third = parse_args(first + ["--resume", "ENWIK8.pt"])
-    sources = {"emsize": "given"}
-    flags.assign(third, sources, {"emsize": 512, "heads": 2}, "checkpoint")
-    assert (third.emsize, third.heads) == (1024, 2)
-    assert sources == {"emsize": "given", "heads": "checkpoint"}
-    flags.assign(third, sources, {"emsize": 512}, "budget 5min", over_given=True)
-    assert (third.emsize, sources["emsize"]) == (512, "budget 5min")
 
 
 # --- units -------------------------------------------------------------------------------

@@ -109,11 +109,6 @@ def test_threads_flag_sets_torch_threads_and_is_recorded(corpus_dir, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--threads" in result.stderr
 
 
-def test_batch_size_takes_both_spellings():
-    from flags import parse_args
-    assert parse_args(["--batch-size", "7"]).batch_size == parse_args(["--batch_size", "7"]).batch_size == 7
-
-
 def test_eval_only_and_resume_take_the_data_folder_from_the_checkpoint(capsys, corpus_dir, tmp_path):
     save = str(tmp_path / "m.pt")
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "1", *SMALL)

@@ -85,32 +85,6 @@ def test_eval_only_of_a_cpu_small_checkpoint_runs_with_its_threads(cpu_small, ca
     assert (recorded["recipe"], recorded["threads"]) == ("cpu-small", 1)
 
 
-def test_every_flag_is_a_model_flag_a_run_setting_the_schedule_or_the_commands_own():
-    """--resume and --eval-only take every run setting a checkpoint recorded: a new flag
-    must say which kind it is."""
-    kinds = [set(flags.MODEL_FLAGS) | {"adaptive_softmax"}, set(flags.RUN_SETTINGS),
-             set(flags.SCHEDULE), set(flags.OWN)]
-    dests = {a.dest for a in flags.build_parser()._actions if a.dest != "help"}
-    assert set().union(*kinds) == dests
-    assert sum(map(len, kinds)) == len(dests)  # each flag of one kind only
-
-
-def test_settings_line_shows_the_model_seed_and_threads_and_hides_what_is_off():
-    args, _, sources, _ = flags.resolve_flags(["--recipe", "cpu-small"], lambda args: None)
-    line = flags.settings_line(args, sources)
-    for shown in ("--emsize 192 [recipe cpu-small]", "--nhid 384 [recipe cpu-small]",
-                  "--nlayers 2 [recipe cpu-small]", "--attn-layers 0 [default]",
-                  "--mem-len 256 [recipe cpu-small]", "--seed 5512 [default]",
-                  "--threads 1 [recipe cpu-small]", "--dropout 0.0 [recipe cpu-small]"):
-        assert shown in line, shown
-    assert "None" not in line and "--budget" not in line and "--dropoute" not in line
-    args, _, sources, _ = flags.resolve_flags(["--attn-layers", "none", "--adaptive-softmax"],
-                                              lambda args: None)
-    line = flags.settings_line(args, sources)
-    assert "--attn-layers none [given]" in line and "--adaptive-softmax [given]" in line
-    assert "--threads" not in line and "--max-steps" not in line  # None: torch's, no limit
-
-
 # --- commands and printed hints that work outside the environment -----------------------
 
 def test_hints_name_the_interpreter_that_ran(monkeypatch, tmp_path):

@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 
-import flags
 import outputs
 import prepare
 from conftest import SMALL, run_cli
@@ -82,25 +81,6 @@ def test_resume_takes_the_run_settings_and_says_where_each_came_from(trained, ca
     assert (recorded["bptt"], recorded["dropout"], recorded["max_steps"]) == (24, 0.2, 5)
 
 
-def test_the_papers_second_pass_runs_as_its_flags_say():
-    """The second pass repeats every flag of the first and halves --lr: what it resolves to
-    is what its flags alone parse to (the first pass recorded the defaults for the rest)."""
-    first = ("--epochs 32 --dropouth 0.1 --dropouti 0.1 --dropout 0.1 --data data/enwik8/ "
-             "--save ENWIK8.pt --log-interval 10 --seed 5512 --optimizer lamb --bptt 1024 "
-             "--warmup 800 --lr 2e-3 --emsize 1024 --nhid 4096 --nlayers 4 --batch_size 16").split()
-    second = [*first, "--resume", "ENWIK8.pt"]
-    second[second.index("--epochs") + 1], second[second.index("--seed") + 1] = "5", "125"
-    second[second.index("--lr") + 1] = "1e-3"
-    config = dict(ntoken=205, ninp=1024, nhid=4096, nlayers=4, attn_layers=[2], heads=1,
-                  mem_len=5000, cutoffs=None)
-    start = {"kind": "sha-rnn", "config": config, "args": vars(flags.parse_args(first))}
-    args, _, sources, _ = flags.resolve_flags(second, lambda args: start)
-    assert vars(args) | {"attn_layers": None} == vars(flags.parse_args(second))
-    assert args.attn_layers == [2]  # the checkpoint's config: block 2, as the default
-    line = flags.settings_line(args, sources)
-    assert "--lr 0.001 [given]" in line and "--bptt 1024 [given]" in line
-
-
 def test_recipe_cpu_small_trains_exactly_like_its_flag_list(corpus_dir, tmp_path, capsys):
     spelled = ["--emsize", "192", "--nhid", "384", "--nlayers", "2", "--mem-len", "256",
                "--bptt", "64", "--batch_size", "16", "--dropout", "0", "--dropouth", "0",
@@ -121,21 +101,6 @@ def test_recipe_cpu_small_trains_exactly_like_its_flag_list(corpus_dir, tmp_path
             assert (recorded["recipe"], recorded["emsize"], recorded["max_steps"]) == ("cpu-small", 192, 6)
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
-
-
-def test_model_flags_are_checked_against_the_recipe_not_the_papers_defaults():
-    """--heads 3 divides cpu-small's width 192 (not the paper's 1024); block 3 is beyond its
-    2 blocks (not the paper's 4)."""
-    args, _, _, _ = flags.resolve_flags(["--recipe", "cpu-small", "--heads", "3"], lambda args: None)
-    assert (args.emsize, args.heads) == (192, 3)
-    with pytest.raises(flags.InputError, match="--nlayers 2"):
-        flags.resolve_flags(["--recipe", "cpu-small", "--attn-layers", "3"], lambda args: None)
-
-
-def test_help_lists_every_recipe_with_one_line():
-    text = flags.build_parser().format_help()
-    for name, (what, _) in flags.RECIPES.items():
-        assert re.search(rf"^  {re.escape(name)} +{re.escape(what)}$", text, re.M), name
 
 
 # --- outputs named, next steps said -------------------------------------------------------
