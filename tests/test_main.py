@@ -1,4 +1,7 @@
-"""The training CLI end to end on a tiny corpus, and its units (docs/model.md: Batching, Training loop, Evaluation, Checkpoints)."""
+"""main.py, the training CLI, end to end on a tiny corpus (an epoch, its checkpoint and test,
+--resume, --dry-run, an unseen token, the original's weights), and its end of an epoch
+(--optimizer sgd's switch to averaged SGD, --when) called in this process; docs/model.md:
+Training loop, Evaluation, Checkpoints."""
 
 import math
 import os
@@ -11,7 +14,7 @@ import main
 from conftest import SMALL, run_cli
 from flags import parse_args
 from runtime import Dist
-from training import Progress, Step, averaged_weights, build_optimizer, evaluate
+from training import Progress, Step, averaged_weights, build_optimizer
 
 LOG_LINE = re.compile(r"^\| epoch +(\d+) \| +(\d+)/ *(\d+) batches \| lr (\d+\.\d{5}) \| "
                       r"ms/batch +\d+\.\d\d \| loss +(\d+\.\d\d) \| ppl +\d+\.\d\d \| "
@@ -73,28 +76,6 @@ def test_dry_run_writes_nothing(capsys, corpus_dir, tmp_path):
 
 
 # --- units -------------------------------------------------------------------------------
-
-class TargetLoss(torch.nn.Module):
-    """A stand-in model whose per-token loss is the target id itself."""
-
-    def forward(self, x, hidden=None, mems=None):
-        return x.float()[..., None], hidden, mems
-
-    def loss(self, output, targets):
-        return targets.reshape(-1).float()
-
-
-def test_evaluation_sum_hand_made_case():
-    source = torch.arange(10).view(10, 1)  # one column: 0..9
-    # bptt 4 -> chunks with targets 1-4, 5-8, 9: sum of len(chunk) * mean = 10 + 26 + 9 = 45,
-    # divided by len(source) = 10.
-    loss = evaluate(TargetLoss(), source, 1, 4, torch.autocast("cpu", enabled=False), Dist())
-    assert loss == pytest.approx(4.5)
-    two = torch.stack([torch.arange(10), 100 + torch.arange(10)], dim=1)  # [10, 2]
-    loss = evaluate(TargetLoss(), two, 2, 4, torch.autocast("cpu", enabled=False), Dist())
-    # per chunk: 4 * mean(1..4, 101..104) + 4 * mean(5..8, 105..108) + 1 * mean(9, 109)
-    expected = (4 * 52.5 + 4 * 56.5 + 1 * 59) / 10
-    assert loss == pytest.approx(expected)
 
 
 def test_unseen_token_is_a_one_line_error(capsys, corpus_dir):

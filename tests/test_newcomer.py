@@ -8,13 +8,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import data
 import prepare
 from conftest import ROOT, SMALL, run_cli, sentences
-from training import evaluate
-from runtime import Dist
 
 TEXT = sentences(900, 5)  # about 37k bytes of English-like text
 
@@ -65,24 +62,6 @@ def test_readme_two_commands_train_on_own_text(tmp_path, capsys):
                                 "--epochs", "1", *SMALL)
     assert code == 0, err
     assert "| End of training | test loss" in stdout
-
-
-def test_dry_run_reports_the_mean_over_what_it_evaluated():
-    class TargetLoss(torch.nn.Module):
-        def forward(self, x, hidden=None, mems=None):
-            return x.float()[..., None], hidden, mems
-
-        def loss(self, output, targets):
-            return targets.reshape(-1).float()
-
-    source = torch.arange(10).view(10, 1)
-    off = torch.autocast("cpu", enabled=False)
-    # The first chunk (bptt 4) has targets 1..4: its mean is 2.5, whatever follows.
-    assert evaluate(TargetLoss(), source, 1, 4, off, Dist(), max_batches=1) == pytest.approx(2.5)
-    # Two chunks: targets 1..8, mean 4.5.
-    assert evaluate(TargetLoss(), source, 1, 4, off, Dist(), max_batches=2) == pytest.approx(4.5)
-    # The whole split keeps the original's sum / length.
-    assert evaluate(TargetLoss(), source, 1, 4, off, Dist()) == pytest.approx(4.5)
 
 
 def test_dry_run_checks_the_real_paths(capsys, corpus_dir, tmp_path):
