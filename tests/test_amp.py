@@ -10,12 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, perturb, run_cli
-from flags import InputError
-import model as model_module
 import runtime
-from model import SHARNN, lstm_dtype
-from runtime import autocast
+from conftest import ROOT, SMALL, run_cli
+from flags import InputError
 
 CPU = torch.device("cpu")
 
@@ -51,77 +48,6 @@ def test_bf16_and_fp16_track_the_float32_losses(capsys, corpus_dir, tmp_path):
         assert sum(gaps) / len(gaps) < 0.005, amp
         assert test_loss == pytest.approx(ref_test, abs=0.01)
         assert losses != ref  # autocast really ran in the lower precision
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return perturb(SHARNN(13, 8, 16, 2, attn_layers=[0], mem_len=12, dropout=0.0,
-                          dropouth=0.0, dropouti=0.0))
-
-
-def test_float32_paths_hold_under_autocast():
-    """The attention's query path and the loss run in float32 under bf16 and fp16 autocast,
-    and on the CPU an fp16 LSTM runs in float32 (no kernel) while bf16 stays bf16."""
-    model = tiny_model()
-    block = model.blocks[0]
-    seen = {}
-    block.attn.qln.register_forward_hook(lambda m, i, o: seen.__setitem__("query", o.dtype))
-    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o.dtype))
-    block.rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("lstm", o[0].dtype))
-    x = torch.randint(0, 13, (6, 2))
-    for amp, low, lstm in (("bf16", torch.bfloat16, torch.bfloat16),
-                           ("fp16", torch.float16, torch.float32)):
-        with autocast(CPU, amp):
-            out, _, _ = model(x)
-            loss = model.loss(out, x)
-        assert seen["query"] == torch.float32, amp
-        assert seen["attn"] == low, amp  # the rest of the attention is in the low precision
-        assert seen["lstm"] == lstm, amp
-        assert loss.dtype == torch.float32, amp
-        loss.mean().backward()
-
-
-def test_the_carried_state_takes_the_precision_of_the_run():
-    """A state carried in any precision continues in the dtypes a run from no state has,
-    under every --amp."""
-    model = tiny_model()
-    x = torch.randint(0, 13, (6, 2))
-    for amp in ("none", "bf16", "fp16"):
-        with autocast(CPU, amp):
-            _, fresh_hidden, fresh_mems = model(x)
-        want = [t.dtype for h in fresh_hidden for t in h] + [m.dtype for m in fresh_mems if m is not None]
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            hidden = [tuple(t.to(dtype) for t in h) for h in fresh_hidden]
-            mems = [None if m is None else m.to(dtype) for m in fresh_mems]
-            with autocast(CPU, amp):
-                _, hidden, mems = model(x, hidden, mems)
-            got = [t.dtype for h in hidden for t in h] + [m.dtype for m in mems if m is not None]
-            assert got == want, (amp, dtype)
-
-
-def test_one_table_decides_the_lstm_dtype():
-    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-    table = {("cpu", None): f32, ("cpu", f16): f32, ("cpu", bf16): bf16,
-             ("cuda", None): f32, ("cuda", f16): f16, ("cuda", bf16): f32}
-    assert {key: lstm_dtype(*key) for key in table} == table
-
-
-def test_where_the_table_says_float32_under_autocast_the_lstm_runs_in_float32(monkeypatch):
-    """The path CUDA bf16 takes (autocast would run the cuDNN LSTM in float16), on the CPU:
-    the LSTMs run in float32 with autocast off, the rest in bf16, and gradients flow."""
-    model = tiny_model()
-    seen = {}
-    model.blocks[0].rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("lstm", o[0].dtype))
-    model.blocks[0].ff.register_forward_hook(lambda m, i, o: seen.__setitem__("ff", o.dtype))
-    x = torch.randint(0, 13, (6, 2))
-    monkeypatch.setattr(model_module, "lstm_dtype", lambda device, amp: torch.float32)
-    with autocast(CPU, "bf16"):
-        out, hidden, _ = model(x)
-        loss = model.loss(out, x).mean()
-    assert seen == {"lstm": torch.float32, "ff": torch.bfloat16}
-    assert hidden[0][0].dtype == torch.float32
-    loss.backward()
-    assert model.blocks[0].rnn.weight_hh_l0.grad.abs().sum() > 0
 
 
 @pytest.mark.slow

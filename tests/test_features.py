@@ -1,5 +1,5 @@
-"""Beyond the original: variants by flag, evaluation-only, dynamic evaluation, weight drop,
-embedding dropout and the adaptive softmax."""
+"""Beyond the original: variants by flag, evaluation-only, dynamic evaluation and the
+adaptive softmax."""
 
 import os
 import random
@@ -146,37 +146,6 @@ def test_dynamic_eval_flag_prints_static_and_dynamic(capsys, tmp_path, shifted):
 
 
 # --- weight drop, embedding dropout ------------------------------------------------------
-
-def test_weight_drop_masks_change_per_batch_and_vanish_in_eval():
-    torch.manual_seed(0)
-    model = SHARNN(11, 8, 16, 2, dropout=0, dropouth=0, dropouti=0, wdrop=0.5)
-    plain = SHARNN(11, 8, 16, 2, dropout=0, dropouth=0, dropouti=0)
-    plain.load_state_dict(model.state_dict())
-    x = torch.randint(0, 11, (6, 3))
-    model.train()
-    a, b = model(x)[0], model(x)[0]
-    assert not torch.allclose(a, b)  # a fresh mask per batch
-    w = model.blocks[0].rnn.weight_hh_l0
-    before = w.detach().clone()
-    a.sum().backward()
-    assert torch.equal(w, before)  # the parameter itself is never overwritten
-    zero = (w.grad == 0).float().mean().item()
-    assert 0.3 < zero < 0.7  # dropped connections get no gradient
-    model.eval()
-    torch.testing.assert_close(model(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
-
-
-def test_embedding_dropout_drops_whole_rows_in_training_only():
-    torch.manual_seed(0)
-    model = SHARNN(50, 8, 16, 2, dropout=0, dropouth=0, dropouti=0, dropoute=0.5).train()
-    x = torch.arange(50).view(50, 1)
-    e = model.embed(x)  # [50, 1, 8]
-    dropped = (e == 0).all(dim=-1).float().mean().item()
-    assert 0.3 < dropped < 0.7
-    kept = ~(e == 0).all(dim=-1)
-    torch.testing.assert_close(e[kept], 2 * model.encoder.weight[x][kept])
-    model.eval()
-    torch.testing.assert_close(model.embed(x), model.encoder.weight[x])
 
 
 # --- adaptive softmax --------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The SHA-RNN model against docs/model.md (Model): sizes, init, numerics, carried state, loading."""
+"""model.py: the SHA-RNN against docs/model.md (Model): sizes, init, numerics, carried state
+(and the gradient through it), loading the original's weights, the dropouts, the float32
+paths under mixed precision, and the fast paths (the cached mask, activation checkpointing,
+compiled blocks) that compute what the plain ones compute."""
 
 import math
 
@@ -6,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_module
 from conftest import perturb, tiny_model
-from model import SHARNN, attn_layers_in
+from model import SHARNN, attn_layers_in, lstm_dtype
+from runtime import autocast
 
 
 def float64_model(**kw):
@@ -236,6 +241,30 @@ def test_mem_len_zero_carries_no_memory():
     torch.testing.assert_close(out2, fresh(x[4:], hidden, None)[0], rtol=1e-12, atol=1e-12)
 
 
+def test_accumulated_group_gradient_flows_through_the_carried_state():
+    """The summed loss of a group backpropagates into the first batch through the state
+    it hands to the second: the group gradient differs from the sum of detached gradients."""
+    model = perturb(tiny_model(10, 8, 16, attn_layers=[0], mem_len=12))
+    data = torch.randint(0, 10, (20, 2))
+    x1, y1, x2, y2 = data[:8], data[1:9], data[8:16], data[9:17]
+
+    out, hidden, mems = model(x1)
+    loss = model.loss(out, y1).mean()
+    out, _, _ = model(x2, hidden, mems)
+    (loss + model.loss(out, y2).mean()).backward()
+    joint = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    out, hidden, mems = model(x1)
+    model.loss(out, y1).mean().backward()
+    hidden = [tuple(t.detach() for t in h) for h in hidden]
+    mems = [None if m is None else m.detach() for m in mems]
+    out, _, _ = model(x2, hidden, mems)
+    model.loss(out, y2).mean().backward()
+    detached = [p.grad for p in model.parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(joint, detached))
+
+
 # --- loading weights written by the original code ---------------------------------------
 
 def original_style(model):
@@ -275,6 +304,8 @@ def test_load_original_state_dict_fails_loudly(change, message):
         tiny_model(11, 8, 16, 3).load_original_state_dict(sd)
 
 
+# --- dropouts --------------------------------------------------------------------------
+
 def test_dropouts_set_after_building_give_the_model_built_with_them():
     rates = dict(dropout=0.1, dropouth=0.2, dropouti=0.3, dropoute=0.1, wdrop=0.2)
     built = tiny_model(20, attn_layers=[0, 1], mem_len=12, seed=3, **rates).train()
@@ -288,3 +319,158 @@ def test_dropouts_set_after_building_give_the_model_built_with_them():
     assert torch.equal(a, b)
     with pytest.raises(ValueError):
         changed.set_dropouts(1.0, 0, 0, 0, 0)
+
+
+def test_weight_drop_masks_change_per_batch_and_vanish_in_eval():
+    model = tiny_model(11, 8, 16, wdrop=0.5)
+    plain = tiny_model(11, 8, 16, seed=None)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, 11, (6, 3))
+    model.train()
+    a, b = model(x)[0], model(x)[0]
+    assert not torch.allclose(a, b)  # a fresh mask per batch
+    w = model.blocks[0].rnn.weight_hh_l0
+    before = w.detach().clone()
+    a.sum().backward()
+    assert torch.equal(w, before)  # the parameter itself is never overwritten
+    zero = (w.grad == 0).float().mean().item()
+    assert 0.3 < zero < 0.7  # dropped connections get no gradient
+    model.eval()
+    torch.testing.assert_close(model(x)[0], plain.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_embedding_dropout_drops_whole_rows_in_training_only():
+    model = tiny_model(50, 8, 16, dropoute=0.5).train()
+    x = torch.arange(50).view(50, 1)
+    e = model.embed(x)  # [50, 1, 8]
+    dropped = (e == 0).all(dim=-1).float().mean().item()
+    assert 0.3 < dropped < 0.7
+    kept = ~(e == 0).all(dim=-1)
+    torch.testing.assert_close(e[kept], 2 * model.encoder.weight[x][kept])
+    model.eval()
+    torch.testing.assert_close(model.embed(x), model.encoder.weight[x])
+
+
+# --- mixed precision, on the CPU -------------------------------------------------------
+
+CPU = torch.device("cpu")
+AMP_SIZES = dict(ntoken=13, ninp=8, nhid=16, attn_layers=[0], mem_len=12)
+
+
+def test_float32_paths_hold_under_autocast():
+    """The attention's query path and the loss run in float32 under bf16 and fp16 autocast,
+    and on the CPU an fp16 LSTM runs in float32 (no kernel) while bf16 stays bf16."""
+    model = perturb(tiny_model(**AMP_SIZES))
+    block = model.blocks[0]
+    seen = {}
+    block.attn.qln.register_forward_hook(lambda m, i, o: seen.__setitem__("query", o.dtype))
+    block.attn.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o.dtype))
+    block.rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("lstm", o[0].dtype))
+    x = torch.randint(0, 13, (6, 2))
+    for amp, low, lstm in (("bf16", torch.bfloat16, torch.bfloat16),
+                           ("fp16", torch.float16, torch.float32)):
+        with autocast(CPU, amp):
+            out, _, _ = model(x)
+            loss = model.loss(out, x)
+        assert seen["query"] == torch.float32, amp
+        assert seen["attn"] == low, amp  # the rest of the attention is in the low precision
+        assert seen["lstm"] == lstm, amp
+        assert loss.dtype == torch.float32, amp
+        loss.mean().backward()
+
+
+def test_the_carried_state_takes_the_precision_of_the_run():
+    """A state carried in any precision continues in the dtypes a run from no state has,
+    under every --amp."""
+    model = perturb(tiny_model(**AMP_SIZES))
+    x = torch.randint(0, 13, (6, 2))
+    for amp in ("none", "bf16", "fp16"):
+        with autocast(CPU, amp):
+            _, fresh_hidden, fresh_mems = model(x)
+        want = [t.dtype for h in fresh_hidden for t in h] + [m.dtype for m in fresh_mems if m is not None]
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            hidden = [tuple(t.to(dtype) for t in h) for h in fresh_hidden]
+            mems = [None if m is None else m.to(dtype) for m in fresh_mems]
+            with autocast(CPU, amp):
+                _, hidden, mems = model(x, hidden, mems)
+            got = [t.dtype for h in hidden for t in h] + [m.dtype for m in mems if m is not None]
+            assert got == want, (amp, dtype)
+
+
+def test_one_table_decides_the_lstm_dtype():
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    table = {("cpu", None): f32, ("cpu", f16): f32, ("cpu", bf16): bf16,
+             ("cuda", None): f32, ("cuda", f16): f16, ("cuda", bf16): f32}
+    assert {key: lstm_dtype(*key) for key in table} == table
+
+
+def test_where_the_table_says_float32_under_autocast_the_lstm_runs_in_float32(monkeypatch):
+    """The path CUDA bf16 takes (autocast would run the cuDNN LSTM in float16), on the CPU:
+    the LSTMs run in float32 with autocast off, the rest in bf16, and gradients flow."""
+    model = perturb(tiny_model(**AMP_SIZES))
+    seen = {}
+    model.blocks[0].rnn.register_forward_hook(lambda m, i, o: seen.__setitem__("lstm", o[0].dtype))
+    model.blocks[0].ff.register_forward_hook(lambda m, i, o: seen.__setitem__("ff", o.dtype))
+    x = torch.randint(0, 13, (6, 2))
+    monkeypatch.setattr(model_module, "lstm_dtype", lambda device, amp: torch.float32)
+    with autocast(CPU, "bf16"):
+        out, hidden, _ = model(x)
+        loss = model.loss(out, x).mean()
+    assert seen == {"lstm": torch.float32, "ff": torch.bfloat16}
+    assert hidden[0][0].dtype == torch.float32
+    loss.backward()
+    assert model.blocks[0].rnn.weight_hh_l0.grad.abs().sum() > 0
+
+
+# --- fast paths: the cached mask, activation checkpointing, compiled blocks ------------
+
+FAST_SIZES = dict(ntoken=13, nlayers=3, attn_layers=[0, 2], mem_len=24)
+
+
+def test_mask_is_built_once_and_sliced():
+    model = perturb(tiny_model(**FAST_SIZES))
+    model.causal_mask(10, 14, torch.device("cpu"))
+    base = model._mask
+    for T, m in [(10, 14), (3, 0), (7, 14), (1, 5), (10, 0)]:
+        mask = model.causal_mask(T, m, torch.device("cpu"))
+        expected = torch.ones(T, m + T, dtype=torch.bool).tril(diagonal=m)
+        assert torch.equal(mask, expected), (T, m)
+        assert model._mask is base  # no new mask for smaller requests
+        sliced = mask.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        assert sliced, (T, m)  # a view into the cached mask, not a copy
+    model.causal_mask(12, 20, torch.device("cpu"))
+    assert model._mask is not base and model._mask.shape == (12, 32)
+
+
+def grads_after_step(model, x, y, seed):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    out, hidden, mems = model(x)
+    out2, _, _ = model(x, hidden, mems)
+    (model.loss(out, y).mean() + model.loss(out2, y).mean()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_gives_identical_gradients_with_dropout():
+    model = perturb(tiny_model(**FAST_SIZES, dropout=0.2, dropouth=0.2, dropouti=0.2)).train()
+    x, y = torch.randint(0, 13, (9, 3)), torch.randint(0, 13, (9, 3))
+    plain = grads_after_step(model, x, y, seed=3)
+    model.set_checkpoint_activations(True)
+    checkpointed = grads_after_step(model, x, y, seed=3)
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    model = perturb(tiny_model(**FAST_SIZES)).eval()
+    x = torch.randint(0, 13, (7, 2))
+    with torch.no_grad():
+        eager, hidden, mems = model(x)
+        eager2 = model(x[:5], hidden, mems)[0]
+        model.compile_blocks()
+        compiled, hidden, mems = model(x)
+        compiled2 = model(x[:5], hidden, mems)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled2, eager2, rtol=1e-5, atol=1e-5)
+    assert set(model.state_dict()) == set(tiny_model(**FAST_SIZES).state_dict())  # names unchanged
