@@ -1,5 +1,8 @@
-"""Mixed precision on the CPU: the GPU path's autocast, fp16 loss scaler with skipped steps,
-LAMB after unscaling, clipping and bf16, run end to end without a GPU."""
+"""Mixed precision end to end on the CPU, through main.py's CLI: bf16 and fp16 runs track
+float32's losses, an fp16 run stopped and continued restores its loss scale, a carried
+state in half precision continues in float32; and --no-tf32 reaches the device choice of
+main.py, bench.py and generate.py. The units (the fp16 step, the float32 paths, the TF32
+switch) are in test_training.py, test_model.py and test_runtime.py."""
 
 import json
 import os
@@ -13,9 +16,6 @@ import torch
 import runtime
 from conftest import ROOT, SMALL, run_cli
 from flags import InputError
-
-CPU = torch.device("cpu")
-
 
 def train_losses(capsys, corpus_dir, tmp_path, amp):
     save = str(tmp_path / f"{amp}.pt")
@@ -117,23 +117,6 @@ def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_d
         cast = continued(f"{dtype}-float32", dtype, torch.float32)
         assert all(torch.equal(weights[k], cast[k]) for k in weights), dtype
         assert not all(torch.equal(weights[k], last["model"][k]) for k in weights)  # it trained
-
-
-def test_cuda_runs_float32_matrix_products_in_tf32_unless_no_tf32(monkeypatch):
-    """pick_device turns TF32 on for CUDA (off with tf32=False) and leaves the CPU as it is."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        for setting in ((True, False), (False, True)):
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = setting
-            assert runtime.pick_device("cpu", not setting[0]) == CPU
-            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == setting
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        for tf32 in (True, False):
-            assert runtime.pick_device("auto", tf32).type == "cuda"
-            assert torch.backends.cuda.matmul.allow_tf32 is tf32
-            assert torch.backends.cudnn.allow_tf32 is tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @pytest.mark.parametrize("script,argv", [
