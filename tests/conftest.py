@@ -81,6 +81,23 @@ def corpus_dir(tmp_path):
     return write_corpus(tmp_path / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
 
 
+@pytest.fixture
+def shifted(capsys, tmp_path):
+    """A model trained on varied sentences, and a corpus whose valid/test part uses only a
+    few of the training words (so adapting to it pays)."""
+    from checkpoint import load_checkpoint
+    from data import Corpus
+    from model import model_from_checkpoint
+    folder = write_corpus(tmp_path / "shift", sentences(600, 1),
+                          sentences(80, 2, words=["cat", "sat", "mat"]),
+                          sentences(80, 3, words=["dog", "ran", "park"]))
+    save = str(tmp_path / "m.pt")
+    code, _, err = run_cli(capsys, "--data", folder, "--save", save, "--epochs", "2", *SMALL)
+    assert code == 0, err
+    model = model_from_checkpoint(load_checkpoint(save)).eval()
+    return model, Corpus(folder)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: the slowest tests (torchrun launches, multi-epoch subprocess runs, "

@@ -1,5 +1,6 @@
-"""Beyond the original: variants by flag, evaluation-only, dynamic evaluation and the
-adaptive softmax."""
+"""Beyond the original, through main.py's CLI: variants by flag (and --resume rebuilding
+them), evaluation-only, --dynamic-eval, and the adaptive softmax on a word corpus. The units
+of these features are in test_model.py and test_dyneval.py."""
 
 import os
 import random
@@ -8,14 +9,9 @@ import re
 import pytest
 import torch
 
-from training import evaluate
-from conftest import SMALL, run_cli, sentences, write_corpus
-from data import Corpus, batchify
-from model import SHARNN
 from checkpoint import load_checkpoint
+from conftest import SMALL, run_cli
 from model import model_from_checkpoint
-from dyneval import dynamic_evaluate
-from runtime import Dist
 
 
 def tree(folder):
@@ -85,55 +81,6 @@ def test_eval_only_reports_valid_and_test_and_writes_nothing(capsys, corpus_dir,
 
 # --- dynamic evaluation ------------------------------------------------------------------
 
-@pytest.fixture
-def shifted(capsys, tmp_path):
-    """A model trained on varied sentences, and a corpus whose valid/test part uses only a
-    few of the training words (so adapting to it pays)."""
-    folder = write_corpus(tmp_path / "shift", sentences(600, 1), sentences(80, 2, words=["cat", "sat", "mat"]),
-                          sentences(80, 3, words=["dog", "ran", "park"]))
-    save = str(tmp_path / "m.pt")
-    code, _, err = run_cli(capsys, "--data", folder, "--save", save, "--epochs", "2", *SMALL)
-    assert code == 0, err
-    model = model_from_checkpoint(load_checkpoint(save)).eval()
-    return model, Corpus(folder)
-
-
-def dyn(model, corpus, source, lr=3e-4, stat_batches=20):
-    train = batchify(corpus.train, 4)
-    return dynamic_evaluate(model, train, source, 8, 16, "none",
-                                 lr=lr, decay=2e-3, eps=2e-5, stat_batches=stat_batches)
-
-
-def test_dynamic_evaluation_lowers_bpc_on_shifted_text(shifted):
-    model, corpus = shifted
-    test = batchify(corpus.test, 8)
-    static = evaluate(model, test, 8, 16, torch.autocast("cpu", enabled=False), Dist())
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    dynamic, chunks = dyn(model, corpus, test)
-    assert dynamic < static - 0.05
-    # Chunk scores add up to the reported loss, and the weights are restored afterwards.
-    assert chunks.sum().item() / (test.shape[0] * 8) == pytest.approx(dynamic)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
-
-
-def test_dynamic_evaluation_scores_each_chunk_before_learning_from_it(shifted):
-    model, corpus = shifted
-    test = batchify(corpus.test, 8)  # [n, 8]
-    _, chunks = dyn(model, corpus, test)
-    # The first chunk is scored with the trained weights: exactly its static loss.
-    with torch.no_grad():
-        out = model(test[:16].long())[0]
-        first = model.loss(out, test[1:17].long()).sum(dtype=torch.float64)
-    torch.testing.assert_close(chunks[0], first)
-    # Changing the data from chunk 5 on never changes the scores of chunks 0..4: no chunk
-    # is scored with anything learned from its own or later targets.
-    changed = test.clone()
-    changed[5 * 16 + 1:] = changed[5 * 16 + 1:].flip(0)
-    _, chunks2 = dyn(model, corpus, changed)
-    torch.testing.assert_close(chunks2[:5], chunks[:5], rtol=0, atol=0)
-    assert not torch.equal(chunks2[5:], chunks[5:])
-
-
 def test_dynamic_eval_flag_prints_static_and_dynamic(capsys, tmp_path, shifted):
     save = str(tmp_path / "m.pt")
     code, out, err = run_cli(capsys, "--data", str(tmp_path / "shift"), "--eval-only", "--resume",
@@ -143,9 +90,6 @@ def test_dynamic_eval_flag_prints_static_and_dynamic(capsys, tmp_path, shifted):
     static = float(re.search(r"\| eval only \| test loss .* test bpc +(\S+)", out).group(1))
     dynamic = float(re.search(r"\| dynamic eval \| test loss .* test bpc +(\S+)", out).group(1))
     assert dynamic < static
-
-
-# --- weight drop, embedding dropout ------------------------------------------------------
 
 
 # --- adaptive softmax --------------------------------------------------------------------
@@ -190,17 +134,3 @@ def test_adaptive_softmax_trains_and_evaluates(capsys, tmp_path):
 def test_adaptive_softmax_refused_on_byte_corpora(capsys, corpus_dir):
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--dry-run", *SMALL, "--adaptive-softmax")
     assert code == 2 and "byte-level" in err
-
-
-def test_dynamic_evaluation_with_adaptive_clusters_that_get_no_gradient():
-    """Tokens from the head only: the tail clusters' weights get no gradient, and dynamic
-    evaluation leaves them to their decay term."""
-    torch.manual_seed(0)
-    model = SHARNN(20, 32, 32, 2, cutoffs=[5, 10]).eval()
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    ids = torch.randint(0, 5, (400,))
-    loss, chunks = dynamic_evaluate(model, batchify(ids, 4), batchify(ids[:200], 2), 2, 8,
-                                         "none", lr=1e-3,
-                                         decay=2e-3, eps=2e-5, stat_batches=5)
-    assert torch.isfinite(chunks).all() and loss > 0
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())

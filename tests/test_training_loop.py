@@ -1,6 +1,7 @@
-"""The training loop against a reference written out by hand: the learning rate of every
-batch over two epochs (warmup across the epoch boundary, --when) and --accumulate's groups,
-and dynamic evaluation's update with its decay term."""
+"""main.py's training loop against a reference written out by hand: the weights and the
+learning rate of every batch over two epochs (warmup across the epoch boundary, --when) with
+--accumulate's groups; --max-steps and the cooldown ending at the last step, also when the
+epochs run longer than the nominal count; --eval-interval's extra validations."""
 
 import json
 import re
@@ -9,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL, perturb, run_cli, sentences, tiny_model, write_corpus
+from conftest import SMALL, run_cli, sentences, tiny_model, write_corpus
 from data import Corpus, batchify
-from dyneval import GROWTH_INTERVAL, LossScale, dynamic_evaluate
 from lamb import Lamb
-from model import SHARNN
 
 LR, WARMUP, CLIP, WDECAY, SEED, BSZ, BPTT = 3e-3, 50, 0.25, 1.2e-6, 11, 4, 16
 
@@ -89,122 +88,6 @@ def test_two_epochs_equal_the_hand_written_loop(capsys, tmp_path, accumulate):
     assert last["progress"]["steps"] == steps
     for name, value in weights.items():
         torch.testing.assert_close(last["model"][name], value, rtol=1e-5, atol=1e-7, msg=name)
-
-
-def reference_dynamic(model, train, source, bptt, lr, decay, eps, stat_batches):
-    """Dynamic evaluation written out: per-chunk loss sums."""
-    params = list(model.parameters())
-    p0 = [p.detach().clone() for p in params]
-    model.eval()
-    sq = [torch.zeros_like(p) for p in params]
-    hidden = mems = None
-    n = 0
-    for i in range(0, min(train.shape[0] - 1, stat_batches * bptt), bptt):
-        model.zero_grad()
-        seq = min(bptt, train.shape[0] - 1 - i)
-        out, hidden, mems = model(train[i:i + seq], hidden, mems)
-        model.loss(out, train[i + 1:i + 1 + seq]).mean().backward()
-        hidden = [tuple(t.detach() for t in h) for h in hidden]
-        mems = [None if m is None else m.detach() for m in mems]
-        for s, p in zip(sq, params):
-            s += p.grad ** 2
-        n += 1
-    rms = [(s / n).sqrt() for s in sq]
-    mean = sum(r.mean() for r in rms) / len(rms)
-    rate = [torch.clamp(r / mean, max=1 / decay) for r in rms]
-    scores = []
-    hidden = mems = None
-    for i in range(0, source.shape[0] - 1, bptt):
-        model.zero_grad()
-        seq = min(bptt, source.shape[0] - 1 - i)
-        out, hidden, mems = model(source[i:i + seq], hidden, mems)
-        losses = model.loss(out, source[i + 1:i + 1 + seq])
-        scores.append(losses.detach().double().sum())
-        losses.mean().backward()
-        hidden = [tuple(t.detach() for t in h) for h in hidden]
-        mems = [None if m is None else m.detach() for m in mems]
-        with torch.no_grad():
-            for p, start, r, dr in zip(params, p0, rms, rate):
-                p += decay * dr * (start - p)
-                p -= lr * p.grad / (r + eps)
-    with torch.no_grad():
-        for p, start in zip(params, p0):
-            p.copy_(start)
-    return torch.stack(scores)
-
-
-def test_dynamic_evaluation_equals_the_written_out_update_with_its_decay():
-    torch.manual_seed(3)
-    model = perturb(SHARNN(12, 8, 16, 2, attn_layers=[1], mem_len=10, dropout=0.0,
-                           dropouth=0.0, dropouti=0.0))
-    train = torch.randint(0, 12, (90, 3))
-    source = torch.randint(0, 12, (60, 2))
-    kwargs = dict(lr=2e-3, decay=0.3, eps=2e-5, stat_batches=4)
-    expected = reference_dynamic(model, train, source, 8, **kwargs)
-    loss, chunks = dynamic_evaluate(model, train, source, 2, 8, "none", **kwargs)
-    torch.testing.assert_close(chunks, expected, rtol=1e-6, atol=1e-6)
-    assert loss == pytest.approx(expected.sum().item() / (60 * 2))
-    # The decay term matters here: without it the scores differ.
-    no_decay = reference_dynamic(model, train, source, 8, **dict(kwargs, decay=1e-12))
-    assert not torch.allclose(no_decay, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_dynamic_evaluation_takes_its_gradients_without_dropout_and_with_cudnn_on():
-    """With every dropout of the model on, dynamic evaluation computes what the written-out
-    update computes in eval mode, with cuDNN left on (its LSTM backward needs train mode,
-    which dynamic evaluation takes with the dropouts at 0); rates and mode are restored."""
-    torch.manual_seed(3)
-    model = perturb(SHARNN(12, 8, 16, 2, attn_layers=[1], mem_len=10, dropout=0.3,
-                           dropouth=0.2, dropouti=0.4, dropoute=0.1, wdrop=0.5))
-    train = torch.randint(0, 12, (90, 3))
-    source = torch.randint(0, 12, (60, 2))
-    kwargs = dict(lr=2e-3, decay=0.3, eps=2e-5, stat_batches=4)
-    expected = reference_dynamic(model, train, source, 8, **kwargs)
-    seen = []  # (cuDNN on, the LSTM in train mode) at each forward
-    model.blocks[0].rnn.register_forward_hook(
-        lambda m, i, o: seen.append((torch.backends.cudnn.enabled, m.training)))
-    model.eval()
-    _, chunks = dynamic_evaluate(model, train, source, 2, 8, "none", **kwargs)
-    torch.testing.assert_close(chunks, expected, rtol=1e-6, atol=1e-6)
-    assert seen and all(cudnn and training for cudnn, training in seen)
-    assert not model.training and model.dropoute == 0.1 and model.drop.p == 0.3
-    assert [b.wdrop for b in model.blocks] == [0.5, 0.5] and model.blocks[1].attn.drop.p == 0.2
-
-
-def test_dynamic_evaluation_scales_its_fp16_loss_so_small_gradients_survive():
-    """A gradient below float16's range: 0 from a plain fp16 backward, its true value from
-    LossScale's; a scaled gradient that overflows halves the scale and is taken again."""
-    w = torch.ones(4, requires_grad=True)
-    x = torch.tensor([0.5, 1.0, 1.5, 2.0])
-
-    def loss(factor):
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.linear(x[None], w[None])  # [1, 1] float16
-        return out.float().sum() * factor  # d loss / d out = factor, in float16 in backward
-
-    LossScale(False).backward(loss(1e-8), [w])  # 1e-8 is below float16's smallest, 6e-8
-    assert torch.equal(w.grad, torch.zeros(4))
-    scale = LossScale(True)
-    scale.backward(loss(1e-8), [w])
-    torch.testing.assert_close(w.grad, x * 1e-8, rtol=1e-3, atol=0)
-    assert scale.scale == 2.0 ** 16
-    scale.backward(loss(10.0), [w])  # 10 * 2^16 is past float16's largest, 65504
-    torch.testing.assert_close(w.grad, x * 10, rtol=1e-3, atol=0)
-    assert scale.scale == 2.0 ** 11  # halved until 2 * 10 * scale < 65504
-    scale.clean = GROWTH_INTERVAL - 1
-    scale.backward(loss(1.0), [w])
-    assert scale.scale == 2.0 ** 12 and scale.clean == 0  # doubled after clean backwards
-
-
-def test_dynamic_evaluation_under_fp16_tracks_float32():
-    torch.manual_seed(3)
-    model = perturb(SHARNN(12, 8, 16, 2, attn_layers=[1], mem_len=10))
-    train = torch.randint(0, 12, (90, 3))
-    source = torch.randint(0, 12, (60, 2))
-    kwargs = dict(lr=2e-3, decay=0.3, eps=2e-5, stat_batches=4)
-    _, exact = dynamic_evaluate(model, train, source, 2, 8, "none", **kwargs)
-    _, half = dynamic_evaluate(model, train, source, 2, 8, "fp16", **kwargs)
-    torch.testing.assert_close(half, exact, rtol=1e-2, atol=0)
 
 
 def test_max_steps_ends_training_and_the_cooldown_there(capsys, tmp_path):
