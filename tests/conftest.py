@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import tokens  # noqa: E402
 from model import SHARNN  # noqa: E402
 from prepare import byte_format  # noqa: E402
 
@@ -75,10 +76,38 @@ def write_corpus(folder, train, valid, test):
     return str(folder)
 
 
+def make_corpus(folder, train, valid="a\n", test="a\n"):
+    """A corpus folder (a pathlib.Path) with the given split texts as they are (str, written
+    as UTF-8 bytes, or bytes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("train", train), ("valid", valid), ("test", test)):
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        (folder / f"{name}.txt").write_bytes(raw)
+    return folder
+
+
+def ids(tensor):
+    """A corpus split's token ids as a list."""
+    return tensor.tolist()
+
+
 @pytest.fixture
 def corpus_dir(tmp_path):
     """A small English-like byte-level corpus (about 24k training bytes)."""
     return write_corpus(tmp_path / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
+
+
+@pytest.fixture(params=["fast", "python"])
+def tokenizer(request, monkeypatch):
+    """Run a test through one tokenizer; the other one fails the test if it is used."""
+    if request.param == "python":
+        monkeypatch.setattr(tokens, "_read_key_chunks", lambda path: None)
+    else:
+        def unexpected(*args):
+            raise AssertionError("the Python tokenizer ran on fast-path text")
+        monkeypatch.setattr(tokens, "_vocab_from_text", unexpected)
+        monkeypatch.setattr(tokens, "_ids_from_text", unexpected)
+    return request.param
 
 
 @pytest.fixture
