@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import prepare  # noqa: E402
 import tokens  # noqa: E402
 from model import SHARNN  # noqa: E402
-from prepare import byte_format  # noqa: E402
 
 # Flags for a tiny, quick training run of main.py on the CPU. SMALL_WITH_PROGRESS leaves the
 # progress bars to main.py's default (drawn only when stderr is a terminal); SMALL turns them off.
@@ -72,7 +72,7 @@ def write_corpus(folder, train, valid, test):
     os.makedirs(folder, exist_ok=True)
     for name, data in (("train", train), ("valid", valid), ("test", test)):
         with open(os.path.join(folder, f"{name}.txt"), "wb") as f:
-            f.write(byte_format(data))
+            f.write(prepare.byte_format(data))
     return str(folder)
 
 
@@ -89,6 +89,24 @@ def make_corpus(folder, train, valid="a\n", test="a\n"):
 def ids(tensor):
     """A corpus split's token ids as a list."""
     return tensor.tolist()
+
+
+TEXT = sentences(900, 5)  # about 37k bytes of English-like text
+
+
+def make_text_corpus(tmp_path):
+    """TEXT as one's own text file, book.txt, made into the byte corpus book/ by prepare.py;
+    returns both paths."""
+    path = tmp_path / "book.txt"
+    path.write_bytes(TEXT)
+    out = tmp_path / "book"
+    assert prepare.main(["text", str(path), str(out)]) == 0
+    return str(path), str(out)
+
+
+def line_of(out, start):
+    """The first line of the text `out` that starts with `start`."""
+    return next(line for line in out.splitlines() if line.startswith(start))
 
 
 @pytest.fixture

@@ -1,32 +1,20 @@
 """Tests of data.py: the vocabulary a corpus assembles (<unk>, byte level), the errors of a
-corpus folder, the cache, batching and decoding; and dataset preparation (prepare.py). The
-tokenizer's own tests are in test_tokens.py."""
+corpus folder, the cache, batching and decoding, and the shipped sample corpus. The
+tokenizer's own tests are in test_tokens.py, the preparation of corpora in test_prepare.py."""
 
-import io
 import os
-import random
-import subprocess
-import sys
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import data
-import prepare
 import utils
 from conftest import ROOT, ids, make_corpus
 from flags import InputError
 
 
-def one_liner(raw):
-    """The original prep script's byte format, the reference for the vectorised writer."""
-    return " ".join(str(c) if c != 10 else "\n" for c in raw).encode()
-
-
-# --- vocabulary ----------------------------------------------------------------------------
+# --- vocabulary --------------------------------------------------------------------------
 
 def test_unk_is_appended_and_takes_unseen_tokens(tmp_path, tokenizer):
     folder = make_corpus(tmp_path, "a b\n", "zz a longword\n", "b\n")
@@ -217,151 +205,6 @@ def test_decode_tokens():
     words = ["<eos>", "the", "cat"]
     assert data.decode_tokens([1, 2, 0, 2, 0], words, False) == "the cat\ncat\n"
     assert data.decode_tokens(torch.tensor([2, 0, 1]), words, False) == "cat\nthe"
-
-
-# --- dataset preparation -----------------------------------------------------------------
-
-@pytest.mark.parametrize("raw", [b"", b"\n", b"A", b"\nA\n\nB\n", b"\n\n\x00\xff 9\n",
-                                 bytes(range(256)) * 3])
-def test_byte_format_matches_the_one_liner(raw):
-    assert prepare.byte_format(raw) == one_liner(raw)
-
-
-def test_byte_format_writer_across_chunks(tmp_path, monkeypatch):
-    rng = random.Random(5)
-    raw = bytes(rng.choice([10, 10, 32, 65, 0, 255, 7]) for _ in range(1000)) + b"\n"
-    monkeypatch.setattr(prepare, "WRITE_CHUNK", 7)
-    with open(tmp_path / "out.txt", "wb") as f:
-        prepare._write_byte_format(raw, f)
-    assert (tmp_path / "out.txt").read_bytes() == one_liner(raw)
-
-
-def zip_with(path, members):
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return path
-
-
-def sample_bytes(n, seed):
-    """Bytes from a small alphabet with line breaks at the start, the end and in runs."""
-    rng = random.Random(seed)
-    body = bytes(rng.choice(b"ab c\n\x00\xe9") for _ in range(n - 4))
-    return b"\n" + body[: n // 2] + b"\n\n" + body[n // 2:] + b"\n"
-
-
-def test_prepare_enwik8_splits_off_the_last_bytes(tmp_path, capsys):
-    raw = sample_bytes(3500, 1)
-    archive = zip_with(tmp_path / "enwik8.zip", {"enwik8": raw})
-    out = tmp_path / "enwik8"
-    prepare.prepare_enwik8(archive, out, split=1000)
-    parts = {"train": raw[:1500], "valid": raw[1500:2500], "test": raw[2500:]}
-    for split, part in parts.items():
-        assert (out / f"{split}.txt.raw").read_bytes() == part
-        assert (out / f"{split}.txt").read_bytes() == one_liner(part)
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 3 and printed[2].startswith("train: 1,500 bytes")
-    corpus = data.Corpus(out, cache=False)
-    assert corpus.byte_level
-    decoded = data.decode_tokens(corpus.train, corpus.dictionary.idx2word, True)
-    assert decoded == parts["train"] + (b"" if parts["train"].endswith(b"\n") else b"\n")
-
-
-def test_prepare_text8_uses_the_usual_split(tmp_path):
-    rng = random.Random(2)
-    raw = bytes(rng.choice(b"abcdefgh ") for _ in range(5000))
-    archive = zip_with(tmp_path / "text8.zip", {"text8": raw})
-    prepare.prepare_text8(archive, tmp_path / "text8", split=1000)
-    for split, part in (("train", raw[:3000]), ("valid", raw[3000:4000]), ("test", raw[4000:])):
-        assert (tmp_path / "text8" / f"{split}.txt.raw").read_bytes() == part
-        assert (tmp_path / "text8" / f"{split}.txt").read_bytes() == one_liner(part)
-    corpus = data.Corpus(tmp_path / "text8", cache=False)
-    assert corpus.train.shape[0] == 3001  # one token per byte, plus the <eos> of the one line
-
-
-def test_prepare_byte_corpus_errors(tmp_path):
-    with pytest.raises(InputError, match="missing.zip: archive not found"):
-        prepare.prepare_enwik8(tmp_path / "missing.zip", tmp_path / "out")
-    (tmp_path / "bad.zip").write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="not a zip archive"):
-        prepare.prepare_enwik8(tmp_path / "bad.zip", tmp_path / "out")
-    archive = zip_with(tmp_path / "other.zip", {"enwik9": b"x"})
-    with pytest.raises(InputError, match="no member named enwik8"):
-        prepare.prepare_enwik8(archive, tmp_path / "out")
-    archive = zip_with(tmp_path / "small.zip", {"text8": b"abc"})
-    with pytest.raises(InputError, match="too few"):
-        prepare.prepare_text8(archive, tmp_path / "out", split=2)
-    assert not (tmp_path / "out" / "train.txt").exists()
-
-
-@pytest.mark.parametrize("raw", [False, True])
-def test_prepare_wikitext(tmp_path, raw):
-    """Token archives are copied (word level); raw ones go to the byte format, with .raw."""
-    folder, suffix = ("wikitext-103-raw", "raw") if raw else ("wikitext-2", "tokens")
-    texts = {split: f" = Café = \n the {split} text @-@ \n".encode() for split in data.SPLITS}
-    archive = zip_with(tmp_path / "wikitext.zip",
-                       {f"{folder}/wiki.{split}.{suffix}": text for split, text in texts.items()})
-    prepare.prepare_wikitext(archive, tmp_path / "out")
-    for split, text in texts.items():
-        written = (tmp_path / "out" / f"{split}.txt").read_bytes()
-        assert written == (one_liner(text) if raw else text)
-        raw_file = tmp_path / "out" / f"{split}.txt.raw"
-        assert raw_file.read_bytes() == text if raw else not raw_file.exists()
-
-
-def test_prepare_wikitext_needs_all_three_splits(tmp_path):
-    archive = zip_with(tmp_path / "partial.zip", {"wikitext-2/wiki.train.tokens": b"a\n"})
-    with pytest.raises(InputError, match="no member named wiki.valid.tokens"):
-        prepare.prepare_wikitext(archive, tmp_path / "partial")
-
-
-def make_ptb_archive(path):
-    files = {}
-    for split in data.SPLITS:
-        files[f"ptb.{split}.txt"] = f" the {split} <unk> N \n".encode()
-        files[f"ptb.char.{split}.txt"] = f"t h e _ {split[0]} \n".encode()
-    with tarfile.open(path, "w:gz") as archive:
-        for name, content in files.items():
-            info = tarfile.TarInfo(f"./simple-examples/data/{name}")
-            info.size = len(content)
-            archive.addfile(info, io.BytesIO(content))
-    return path, files
-
-
-@pytest.mark.parametrize("char", [False, True])
-def test_prepare_ptb(tmp_path, char):
-    archive, files = make_ptb_archive(tmp_path / "simple-examples.tgz")
-    out = tmp_path / ("pennchar" if char else "penn")
-    prepare.prepare_ptb(archive, out, char=char)
-    for split in data.SPLITS:
-        name = f"ptb.char.{split}.txt" if char else f"ptb.{split}.txt"
-        assert (out / f"{split}.txt").read_bytes() == files[name]
-
-
-def test_prepare_ptb_rejects_a_file_that_is_not_a_tar_archive(tmp_path):
-    (tmp_path / "simple-examples.tgz").write_bytes(b"garbage")
-    with pytest.raises(InputError, match="not a readable tar archive"):
-        prepare.prepare_ptb(tmp_path / "simple-examples.tgz", tmp_path / "penn")
-
-
-def test_cli_reports_a_missing_archive_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "prepare.py", "enwik8", str(tmp_path / "enwik8.zip"),
-         str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert result.stderr.splitlines() == [f"error: {tmp_path / 'enwik8.zip'}: archive not found"]
-
-
-def test_cli_prepares_text8(tmp_path):
-    zip_with(tmp_path / "text8.zip", {"text8": b"abc de" * 10})
-    result = subprocess.run(
-        [sys.executable, "prepare.py", "text8", str(tmp_path / "text8.zip"),
-         str(tmp_path / "text8"), "--split", "20"], cwd=ROOT, capture_output=True, text=True,
-        timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 3
-    assert (tmp_path / "text8" / "test.txt.raw").read_bytes() == (b"abc de" * 10)[-20:]
 
 
 # --- the shipped sample corpus -----------------------------------------------------------

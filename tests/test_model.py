@@ -304,7 +304,7 @@ def test_load_original_state_dict_fails_loudly(change, message):
         tiny_model(11, 8, 16, 3).load_original_state_dict(sd)
 
 
-# --- dropouts --------------------------------------------------------------------------
+# --- dropouts ----------------------------------------------------------------------------
 
 def test_dropouts_set_after_building_give_the_model_built_with_them():
     rates = dict(dropout=0.1, dropouth=0.2, dropouti=0.3, dropoute=0.1, wdrop=0.2)
@@ -351,7 +351,7 @@ def test_embedding_dropout_drops_whole_rows_in_training_only():
     torch.testing.assert_close(model.embed(x), model.encoder.weight[x])
 
 
-# --- mixed precision, on the CPU -------------------------------------------------------
+# --- mixed precision, on the CPU ---------------------------------------------------------
 
 CPU = torch.device("cpu")
 AMP_SIZES = dict(ntoken=13, ninp=8, nhid=16, attn_layers=[0], mem_len=12)
@@ -422,7 +422,7 @@ def test_where_the_table_says_float32_under_autocast_the_lstm_runs_in_float32(mo
     assert model.blocks[0].rnn.weight_hh_l0.grad.abs().sum() > 0
 
 
-# --- fast paths: the cached mask, activation checkpointing, compiled blocks ------------
+# --- fast paths: the cached mask, activation checkpointing, compiled blocks --------------
 
 FAST_SIZES = dict(ntoken=13, nlayers=3, attn_layers=[0, 2], mem_len=24)
 

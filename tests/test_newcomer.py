@@ -1,5 +1,7 @@
-"""A newcomer's first hour: own text in one command, honest dry runs, --threads, the data
-folder remembered by a checkpoint, run records that keep every start, exact batch counts."""
+"""A newcomer's first hour, through main.py's CLI: training on own text as the README says,
+a dry run that checks the real paths, --threads, the data folder remembered by a
+checkpoint, run records that keep every start, exact batch counts, a bad flag under
+torchrun said once. Making own text a corpus is tested in test_prepare.py."""
 
 import json
 import os
@@ -9,51 +11,7 @@ import sys
 
 import pytest
 
-import data
-import prepare
-from conftest import ROOT, SMALL, run_cli, sentences
-
-TEXT = sentences(900, 5)  # about 37k bytes of English-like text
-
-
-def make_text_corpus(tmp_path):
-    path = tmp_path / "book.txt"
-    path.write_bytes(TEXT)
-    out = tmp_path / "book"
-    assert prepare.main(["text", str(path), str(out)]) == 0
-    return str(path), str(out)
-
-
-def test_own_text_file_becomes_a_byte_corpus_split_in_order(tmp_path):
-    _, out = make_text_corpus(tmp_path)
-    raw = {split: open(os.path.join(out, f"{split}.txt.raw"), "rb").read() for split in data.SPLITS}
-    held = int(len(TEXT) * 0.05)
-    assert len(raw["valid"]) == len(raw["test"]) == held
-    assert raw["train"] + raw["valid"] + raw["test"] == TEXT  # in order, nothing lost
-    with open(os.path.join(out, "train.txt"), "rb") as f:
-        assert f.read() == prepare.byte_format(raw["train"])
-    corpus = data.Corpus(out, cache=False)
-    assert corpus.byte_level
-    assert data.decode_tokens(corpus.test, corpus.dictionary.idx2word, True) == raw["test"]
-
-
-def test_three_named_splits_are_used_as_they_are_and_nothing_is_overwritten(tmp_path, capsys):
-    files = []
-    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
-        (tmp_path / name).write_bytes(sentences(50, seed))
-        files.append(str(tmp_path / name))
-    out = str(tmp_path / "three")
-    assert prepare.main(["text", "--train", files[0], "--valid", files[1], "--test", files[2],
-                         out]) == 0
-    for split, path in zip(data.SPLITS, files):
-        assert open(os.path.join(out, f"{split}.txt.raw"), "rb").read() == open(path, "rb").read()
-    before = open(os.path.join(out, "train.txt"), "rb").read()
-    capsys.readouterr()
-    assert prepare.main(["text", files[0], out]) == 2  # the folder holds a corpus already
-    assert "exists" in capsys.readouterr().err
-    assert open(os.path.join(out, "train.txt"), "rb").read() == before
-    assert prepare.main(["text", "--train", files[0], "--valid", files[1], out + "2"]) == 2
-    assert "--test" in capsys.readouterr().err
+from conftest import ROOT, SMALL, make_text_corpus, run_cli
 
 
 def test_readme_two_commands_train_on_own_text(tmp_path, capsys):

@@ -236,19 +236,3 @@ def test_a_reader_gone_mid_run_stops_it_with_the_last_checkpoint_written(corpus_
     assert err.startswith("error: cannot write standard output: Broken pipe; training stopped")
     assert f"--continue {tmp_path / 'm.last.pt'}" in err
     assert checkpoint.load_checkpoint(str(tmp_path / "m.last.pt"))["progress"]["steps"] > 0
-
-
-def test_prepare_leaves_no_half_written_folder(tmp_path, monkeypatch):
-    import errno
-    import prepare
-
-    def full_disk(path):
-        if str(path).endswith("test.txt.raw"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    book = tmp_path / "book.txt"
-    book.write_bytes(sentences(200, 4))
-    monkeypatch.setattr(utils, "WRITE_HOOKS", [full_disk])
-    assert prepare.main(["text", str(book), str(tmp_path / "out" / "corpus")]) == 2
-    assert sorted(os.listdir(tmp_path)) == ["book.txt", "out"]  # the folder it made is gone
-    assert os.listdir(tmp_path / "out") == []

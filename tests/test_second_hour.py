@@ -22,11 +22,7 @@ import flags
 import main
 import outputs
 import prepare
-from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
-
-
-def line_of(out, start):
-    return next(line for line in out.splitlines() if line.startswith(start))
+from conftest import ROOT, SMALL, line_of, run_cli, sentences, write_corpus
 
 
 def readme():
@@ -228,25 +224,6 @@ def test_a_byte_corpus_keeps_the_originals_bpc(corpus_dir, tmp_path, capsys):
     assert re.search(r"\| valid ppl +[\d.]+ \| valid bpc +[\d.]+", out)
     assert re.search(r"\| test ppl +[\d.]+ \| test bpc +[\d.]+", out)
     assert re.search(r"\| ppl +[\d.]+ \| bpc +[\d.]+", out) and not re.search(r"\bbpt\b", out)
-
-
-def test_word_mode_counts_words_train_lacks_and_refuses_what_is_not_text(tmp_path, capsys):
-    for name, words in (("a", ["red", "fox"]), ("b", ["red", "owl"]), ("c", ["fox", "emu"])):
-        (tmp_path / name).write_bytes(sentences(30, 1, words=words))
-    assert prepare.main(["text", "--words", "--train", str(tmp_path / "a"), "--valid",
-                         str(tmp_path / "b"), "--test", str(tmp_path / "c"),
-                         str(tmp_path / "w")]) == 0
-    printed = capsys.readouterr().out
-    train = set((tmp_path / "a").read_text().split())  # "red", "fox", "red." and "fox."
-    held = (tmp_path / "b").read_text().split() + (tmp_path / "c").read_text().split()
-    unseen = sum(word not in train for word in held)
-    assert unseen == sum(word.strip(".") in ("owl", "emu") for word in held) > 0
-    assert f"valid and test hold {unseen:,} tokens that train never has" in printed
-    assert line_of(printed, "Next: ").endswith("--unk")
-    (tmp_path / "bin").write_bytes(b"\xff\xfe" * 500)
-    assert prepare.main(["text", "--words", str(tmp_path / "bin"), str(tmp_path / "x")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not UTF-8" in err and not (tmp_path / "x").exists()
 
 
 def test_the_readme_describes_the_word_format_and_the_raw_copies():

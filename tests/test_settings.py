@@ -1,5 +1,6 @@
-"""Settings that follow the checkpoint, named recipes, and runs that say where their
-outputs went and what comes next."""
+"""Through main.py's CLI: settings that follow the checkpoint (and say where each came
+from), a named recipe that trains as its flag list does, and a finished run that says
+where its outputs went and what comes next. flags.py's own tests are in test_flags.py."""
 
 import json
 import os
@@ -9,9 +10,7 @@ import pytest
 import torch
 
 import outputs
-import prepare
 from conftest import SMALL, run_cli
-from data import SPLITS
 
 
 def metrics(run_dir):
@@ -124,22 +123,3 @@ def test_a_finished_run_says_so_on_continue_and_trains_further_when_asked(corpus
     assert "| End of training |" in out
     assert torch.load(str(last), weights_only=True)["progress"]["steps"] == 30
 
-
-# --- own text as people have it -----------------------------------------------------------
-
-def test_many_files_and_folders_are_read_in_sorted_order(tmp_path, capsys):
-    src = tmp_path / "src"
-    (src / "b").mkdir(parents=True)
-    (src / "a.txt").write_bytes(b"alpha\n" * 50)
-    (src / "b" / "c.txt").write_bytes(b"gamma\n" * 50)
-    (src / "b" / "a.txt").write_bytes(b"beta\n" * 50)
-    (src / ".hidden").write_bytes(b"never\n")
-    (src / "link.txt").symlink_to(src / "a.txt")  # the same file again: read once
-    (tmp_path / "z.txt").write_bytes(b"zeta\n" * 50)
-    out = tmp_path / "corpus"
-    assert prepare.main(["text", str(tmp_path / "z.txt"), str(src), str(out)]) == 0
-    raw = b"".join(open(out / f"{split}.txt.raw", "rb").read() for split in SPLITS)
-    assert raw == b"alpha\n" * 50 + b"beta\n" * 50 + b"gamma\n" * 50 + b"zeta\n" * 50
-    held = int(len(raw) * 0.05)
-    assert open(out / "test.txt.raw", "rb").read() == raw[-held:]  # the last 5%: zeta's end
-    capsys.readouterr()
