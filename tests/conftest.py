@@ -1,3 +1,4 @@
+import hashlib
 import os
 import random
 import sys
@@ -102,6 +103,12 @@ def make_text_corpus(tmp_path):
     out = tmp_path / "book"
     assert prepare.main(["text", str(path), str(out)]) == 0
     return str(path), str(out)
+
+
+def digest(path):
+    """The SHA-256 of a file's content."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def line_of(out, start):

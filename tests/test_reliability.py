@@ -1,7 +1,9 @@
-"""Crash-safe checkpoints, exact continuation, signals, non-finite guards, safe loading and
-one-line errors for bad input (exit code 2, nothing overwritten)."""
+"""Through main.py's CLI (and every script's on a full standard output): exact continuation
+after SIGTERM, SIGINT's stop and test, non-finite guards, pickles refused without running
+their code, the paper's second pass keeping the better checkpoint, and one-line errors
+(exit code 2, nothing overwritten) when standard output fails. The atomic writer's own
+tests are in test_utils.py."""
 
-import hashlib
 import os
 import pickle
 import signal
@@ -11,10 +13,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, run_cli, sentences, write_corpus
+from conftest import ROOT, SMALL, digest, run_cli, sentences, write_corpus
 import checkpoint
 import outputs
-import utils
 
 
 def cli(*argv, timeout=300):
@@ -35,29 +36,6 @@ def wait_for(proc, text):
         if text in line:
             return lines
     raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}\n{proc.stderr.read()}")
-
-
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-# --- atomic writes -----------------------------------------------------------------------
-
-def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    utils.atomic_save({"a": torch.ones(3)}, path)
-    before = digest(path)
-
-    def broken(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
-        utils.atomic_save({"a": torch.zeros(3)}, path)
-    assert digest(path) == before
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
 # --- exact continuation ------------------------------------------------------------------
