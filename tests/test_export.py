@@ -1,4 +1,6 @@
-"""export.py: the ONNX chunk step against the torch model, over chunks with carried state."""
+"""export.py: the ONNX chunk step against the torch model, over chunks with carried state;
+the command's one line, its vocabulary and ports, its one-line errors, and an existing
+output replaced only with --overwrite."""
 
 import contextlib
 import io
@@ -160,3 +162,14 @@ def test_missing_onnx_packages_say_how_to_install(tmp_path, capsys, monkeypatch)
     assert export.main(["--checkpoint", ckpt, "--output", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "pip install onnx onnxruntime onnxscript" in err
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "tiny.onnx"
+    out.write_text("an older export")
+    assert export.main(["--checkpoint", ckpt, "--output", str(out)]) == 2
+    assert out.read_text() == "an older export"
+    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--overwrite"]) == 0
+    assert out.stat().st_size > 1000
+    capsys.readouterr()

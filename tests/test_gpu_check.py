@@ -1,7 +1,8 @@
-"""bench.py --gpu-check: its one-line refusal without CUDA; its logic on the CPU with the GPU
-parts faked (bench.py and main.py replaced by scripts that print what they would, fail, or
-hang): rows streamed as measured, a failing measurement and training run, the deadline; and
-once for real on the CPU at tiny sizes (the GPU measures the paper's)."""
+"""bench.py --gpu-check (gpu_check.py): its one-line refusal without CUDA, with a next step;
+its logic on the CPU with the GPU parts faked (bench.py and main.py replaced by scripts
+that print what they would, fail, or hang): rows streamed as measured, a failing
+measurement and training run, the deadline; and once for real on the CPU at tiny sizes
+(the GPU measures the paper's)."""
 
 import json
 import os
@@ -15,7 +16,9 @@ import time
 import pytest
 import torch
 
+import flags
 import gpu_check
+import outputs
 from conftest import ROOT
 
 TINY = {"emsize": 16, "nhid": 32, "nlayers": 2, "mem_len": 24, "bptt": 8, "batch_size": 4}
@@ -229,3 +232,13 @@ def test_the_check_runs_for_real_on_the_cpu():
     assert len(curve) >= 10
     assert sum(bool(re.search(r"\| [\d.]+ \|$", c)) for c in curve) >= 2  # validations
     assert lines[-1].startswith("LSTM dtypes: as model.lstm_dtype expects in every measured row")
+
+
+def test_gpu_check_without_cuda_gives_a_next_step(monkeypatch):
+    import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(flags.InputError) as refused:
+        gpu_check.run()
+    message = str(refused.value)
+    assert "next:" in message and "nvidia-smi" in message
+    assert outputs.script_command("bench.py", "--device", "cpu") in message

@@ -1,6 +1,7 @@
 """Nothing of the user's lost: outputs claimed and locked before any work, another run's
 weights kept, full disks and killed writers that cost no checkpoint, stale temporaries
-cleared safely."""
+cleared safely (through main.py's CLI); and the printed commands, which name the
+interpreter that ran."""
 
 import errno
 import fcntl
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import checkpoint
-import export
+import outputs
 import utils
 from conftest import ROOT, SMALL, digest, run_cli
 from outputs import Locks, Output
@@ -59,20 +60,6 @@ def test_the_papers_second_pass_replaces_its_own_checkpoints(corpus_dir, tmp_pat
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "n.pt"),
                            "--last", str(last), *SMALL, "--epochs", "1", "--resume", str(save))
     assert code == 2 and "--overwrite" in err
-
-
-@pytest.mark.slow
-def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
-    pytest.importorskip("onnxruntime")
-    from test_export import tiny_checkpoint
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
-    out = tmp_path / "tiny.onnx"
-    out.write_text("an older export")
-    assert export.main(["--checkpoint", ckpt, "--output", str(out)]) == 2
-    assert out.read_text() == "an older export"
-    assert export.main(["--checkpoint", ckpt, "--output", str(out), "--overwrite"]) == 0
-    assert out.stat().st_size > 1000
-    capsys.readouterr()
 
 
 def limited(fsize):
@@ -221,3 +208,19 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_previous_checkpoints(corpus_
     assert result.returncode == 0, result.stderr
     assert "| End of training |" in result.stdout
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_hints_name_the_interpreter_that_ran(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "executable", os.path.join(ROOT, ".venv", "bin", "python"))
+    assert outputs.command(1, "--continue", "m.last.pt") == \
+        ".venv/bin/python -u main.py --continue m.last.pt"
+    assert outputs.sample_command({"save": "a b.pt"}) == \
+        ".venv/bin/python generate.py --checkpoint 'a b.pt' --length 500"
+    assert outputs.command(2, "--continue", "x") == \
+        ".venv/bin/python -m torch.distributed.run --nproc_per_node=2 main.py --continue x"
+    monkeypatch.setattr(sys, "executable", "/opt/py 3/bin/python3")  # outside the clone
+    monkeypatch.chdir(tmp_path)
+    assert outputs.command(1, "--continue", "m.last.pt") == \
+        f"'/opt/py 3/bin/python3' -u {os.path.relpath(os.path.join(ROOT, 'main.py'))} " \
+        f"--continue m.last.pt"

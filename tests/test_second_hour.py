@@ -1,8 +1,9 @@
-"""A newcomer's second hour: every run setting follows a checkpoint, a Settings line that
-shows the model, README commands and printed hints that work outside the environment,
-dry runs that say what they do, word-level corpora in bits per token, and the small
-things (an Outputs line that names only written files, a publishable model folder, the
-.raw copies, a next step after --gpu-check, no flag abbreviations, the README's numbers)."""
+"""A newcomer's second hour, through main.py's CLI: the run settings a checkpoint carries
+(a recipe's threads), the README's commands and the printed hint run where `python` is not
+the environment's, an Outputs line that names only written files, dry runs that say what
+they do, word-level corpora in bits per token, a publishable model folder; and what the
+README says of the word format, the .raw copies and the budget's timed steps. Units once
+here are in test_flags.py, test_outputs.py, test_prepare.py and test_gpu_check.py."""
 
 import json
 import os
@@ -18,9 +19,7 @@ import torch
 
 import budget
 import export
-import flags
 import main
-import outputs
 import prepare
 from conftest import ROOT, SMALL, line_of, run_cli, sentences, write_corpus
 
@@ -82,22 +81,6 @@ def test_eval_only_of_a_cpu_small_checkpoint_runs_with_its_threads(cpu_small, ca
 
 
 # --- commands and printed hints that work outside the environment -----------------------
-
-def test_hints_name_the_interpreter_that_ran(monkeypatch, tmp_path):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "executable", os.path.join(ROOT, ".venv", "bin", "python"))
-    assert outputs.command(1, "--continue", "m.last.pt") == \
-        ".venv/bin/python -u main.py --continue m.last.pt"
-    assert outputs.sample_command({"save": "a b.pt"}) == \
-        ".venv/bin/python generate.py --checkpoint 'a b.pt' --length 500"
-    assert outputs.command(2, "--continue", "x") == \
-        ".venv/bin/python -m torch.distributed.run --nproc_per_node=2 main.py --continue x"
-    monkeypatch.setattr(sys, "executable", "/opt/py 3/bin/python3")  # outside the clone
-    monkeypatch.chdir(tmp_path)
-    assert outputs.command(1, "--continue", "m.last.pt") == \
-        f"'/opt/py 3/bin/python3' -u {os.path.relpath(os.path.join(ROOT, 'main.py'))} " \
-        f"--continue m.last.pt"
-
 
 @pytest.mark.slow
 def test_the_readme_own_text_commands_run_where_python_is_not_the_venvs(tmp_path):
@@ -248,16 +231,6 @@ def test_a_model_folder_keeps_no_paths_of_the_run_and_says_the_decoder_is_tied(
     text = (folder / "config.json").read_text()
     assert str(tmp_path / "m") not in text
     assert description["args"]["data"] == corpus_dir  # --eval-only of the folder reads it
-
-
-def test_gpu_check_without_cuda_gives_a_next_step(monkeypatch):
-    import gpu_check
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(flags.InputError) as refused:
-        gpu_check.run()
-    message = str(refused.value)
-    assert "next:" in message and "nvidia-smi" in message
-    assert outputs.script_command("bench.py", "--device", "cpu") in message
 
 
 def test_the_readme_says_how_many_steps_the_budget_times_and_that_its_times_are_quiet():
