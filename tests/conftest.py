@@ -1,6 +1,7 @@
 import hashlib
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -33,6 +34,30 @@ def run_cli(capsys, *argv):
     code = main.main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def cli(*argv, timeout=300):
+    """main.py in a subprocess on one thread; its CompletedProcess, output as text."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start(*argv):
+    """main.py started in a subprocess on one thread, unbuffered, its output piped as text."""
+    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, text):
+    """Read the process's stdout until a line containing `text`; returns all lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
 WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in old trees "
@@ -114,6 +139,25 @@ def digest(path):
 def line_of(out, start):
     """The first line of the text `out` that starts with `start`."""
     return next(line for line in out.splitlines() if line.startswith(start))
+
+
+def tweaked(source, path, change):
+    """A copy of checkpoint `source` at `path` (which may be `source`), with change(dict)
+    applied."""
+    ckpt = torch.load(source, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+class Boom:
+    """A pickle that leaves a marker file behind if it is ever unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 @pytest.fixture

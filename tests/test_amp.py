@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runtime
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, cli, run_cli
 from flags import InputError
 
 def train_losses(capsys, corpus_dir, tmp_path, amp):
@@ -56,10 +56,6 @@ def test_continue_under_fp16_restores_the_loss_scale(corpus_dir, tmp_path):
     the loss scale, and continued, ends with the weights and the scaler state (scale and
     growth tracker) of an uninterrupted fp16 run."""
     flags = ["--data", corpus_dir, "--epochs", "2", *SMALL, "--amp", "fp16", "--lr", "3e-2"]
-
-    def cli(*argv):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
-                              capture_output=True, text=True, timeout=300)
 
     ref = cli(*flags, "--save", str(tmp_path / "ref.pt"))
     assert ref.returncode == 0, ref.stderr

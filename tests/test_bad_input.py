@@ -23,31 +23,13 @@ import generate
 import main
 import plot
 import prepare
-from conftest import SMALL, sentences, write_corpus
+from conftest import SMALL, Boom, sentences, tweaked, write_corpus
 
 
 def quietly(fn, *args):
     """fn(*args) with its stdout and stderr swallowed (module fixtures cannot use capsys)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return fn(*args)
-
-
-def tweaked(source, path, change):
-    """A copy of checkpoint `source` at `path`, with change(dict) applied."""
-    ckpt = torch.load(source, weights_only=True)
-    change(ckpt)
-    torch.save(ckpt, path)
-    return str(path)
-
-
-class Boom:
-    """A pickle that leaves a marker file behind if it is ever unpickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
 
 
 @pytest.fixture(scope="module")

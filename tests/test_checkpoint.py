@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import SMALL, run_cli
+from conftest import SMALL, run_cli, tweaked
 from flags import InputError
 from training import Progress
 
@@ -21,13 +21,6 @@ def run(capsys, corpus_dir, tmp_path):
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", best, *SMALL, "--max-steps", "5")
     assert code == 0, err
     return best, last
-
-
-def rewrite(path, change):
-    """Apply change(dict) to the checkpoint at `path`, in place."""
-    ckpt = torch.load(path, weights_only=True)
-    change(ckpt)
-    torch.save(ckpt, path)
 
 
 def refusal(path):
@@ -53,7 +46,7 @@ def test_a_checkpoint_without_the_progress_fields_added_since_loads_and_continue
     def first_version(ckpt):
         del ckpt["progress"]["tested"], ckpt["progress"]["replans"]
 
-    rewrite(last, first_version)
+    tweaked(last, last, first_version)
     loaded = checkpoint.load_checkpoint(last)
     assert loaded["kind"] == "sha-rnn" and loaded["progress"]["steps"] == 5
     code, out, err = run_cli(capsys, "--continue", last, "--max-steps", "8")
@@ -65,7 +58,7 @@ def test_a_checkpoint_without_the_progress_fields_added_since_loads_and_continue
 
 def test_a_checkpoint_without_progress_steps_is_refused_in_one_line_naming_it(run):
     _, last = run
-    rewrite(last, lambda ckpt: ckpt["progress"].pop("steps"))
+    tweaked(last, last, lambda ckpt: ckpt["progress"].pop("steps"))
     message = refusal(last)
     assert len(message.splitlines()) == 1
     assert message == f"checkpoint {last}: progress.steps is missing"
@@ -73,7 +66,7 @@ def test_a_checkpoint_without_progress_steps_is_refused_in_one_line_naming_it(ru
 
 def test_a_checkpoint_of_a_newer_version_is_refused_in_one_line(run):
     for path in run:  # the best checkpoint and the last
-        rewrite(path, lambda ckpt: ckpt.update(version=checkpoint.VERSION + 1))
+        tweaked(path, path, lambda ckpt: ckpt.update(version=checkpoint.VERSION + 1))
         message = refusal(path)
         assert len(message.splitlines()) == 1
         assert (f"checkpoint {path}: version {checkpoint.VERSION + 1} was written by a newer "

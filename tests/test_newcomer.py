@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SMALL, make_text_corpus, run_cli
+from conftest import ROOT, SMALL, cli, make_text_corpus, run_cli
 
 
 def test_readme_two_commands_train_on_own_text(tmp_path, capsys):
@@ -70,10 +70,6 @@ def test_log_counts_the_epochs_real_batches(capsys, corpus_dir, tmp_path):
 
 @pytest.mark.slow
 def test_continue_keeps_a_record_of_every_start(corpus_dir, tmp_path):
-    def cli(*argv):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
-                              capture_output=True, text=True, timeout=300)
-
     first = cli("--data", corpus_dir, "--save", str(tmp_path / "m.pt"), "--epochs", "1", *SMALL)
     assert first.returncode == 0, first.stderr
     folder = tmp_path / "m.run"

@@ -13,29 +13,10 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, digest, run_cli, sentences, write_corpus
+from conftest import (ROOT, SMALL, Boom, cli, digest, run_cli, sentences, start, wait_for,
+                      write_corpus)
 import checkpoint
 import outputs
-
-
-def cli(*argv, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start(*argv):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc, text):
-    """Read the process's stdout until a line containing `text`; returns all lines read."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"{text!r} never appeared:\n{''.join(lines)}\n{proc.stderr.read()}")
 
 
 # --- exact continuation ------------------------------------------------------------------
@@ -108,14 +89,6 @@ def test_consecutive_nonfinite_losses_stop_the_run_without_saving_bad_weights(co
 
 
 # --- safe loading ------------------------------------------------------------------------
-
-class Boom:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
 
 def test_crafted_pickle_does_not_run_code(corpus_dir, tmp_path):
     marker = tmp_path / "pwned"

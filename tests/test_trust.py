@@ -16,26 +16,9 @@ import data
 import main
 import training
 import utils
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, cli, run_cli, start, wait_for
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def cli(*argv, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start(*argv):
-    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc, text):
-    for line in proc.stdout:
-        if text in line:
-            return
-    raise AssertionError(f"{text!r} never appeared: {proc.stderr.read()}")
 
 
 def digests(folder):
