@@ -12,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+CPU = torch.device("cpu")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # a subprocess's environment: one thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -38,16 +40,14 @@ def run_cli(capsys, *argv):
 
 def cli(*argv, timeout=300):
     """main.py in a subprocess on one thread; its CompletedProcess, output as text."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv],
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def start(*argv):
     """main.py started in a subprocess on one thread, unbuffered, its output piped as text."""
-    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc, text):

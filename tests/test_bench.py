@@ -12,10 +12,9 @@ import torch
 import bench
 from training import Carry, Step, WithLoss, build_optimizer, make_step, train_step
 from runtime import make_scaler
-from conftest import ROOT, perturb, tiny_model
+from conftest import CPU, ROOT, perturb, tiny_model
 from lamb import Lamb
 
-CPU = torch.device("cpu")
 TINY = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--bptt", "8", "--batch_size", "2",
         "--mem-len", "20", "--ntoken", "20", "--steps", "2", "--warmup-steps", "1",
         "--device", "cpu", "--threads", "1"]

@@ -8,18 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SMALL, sentences, write_corpus
+from conftest import ENV, ROOT, SMALL, cli, sentences, write_corpus
 
 pytestmark = pytest.mark.slow  # torchrun launches
 
 # Without dropout: the ranks draw their own dropout masks, one process other ones.
 SMALL_NODROP = [*SMALL, "--dropout", "0", "--dropouth", "0", "--dropouti", "0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def single(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *argv], env=ENV,
-                          capture_output=True, text=True, timeout=600)
 
 
 def torchrun(*argv, nproc=2):
@@ -36,7 +30,8 @@ def bpcs(out, name):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = write_corpus(tmp / "data", sentences(400, 1), sentences(40, 2), sentences(40, 3))
-    one = single("--data", data, "--save", str(tmp / "one.pt"), "--epochs", "2", *SMALL_NODROP)
+    one = cli("--data", data, "--save", str(tmp / "one.pt"), "--epochs", "2", *SMALL_NODROP,
+              timeout=600)
     two = torchrun("--data", data, "--save", str(tmp / "two.pt"), "--epochs", "2", *SMALL_NODROP)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
@@ -63,7 +58,8 @@ def test_two_ranks_end_with_the_weights_and_bpc_of_one_process(runs):
 
 def test_evaluation_covers_each_split_once_across_ranks(runs):
     tmp, data, _, _ = runs
-    one = single("--data", data, "--eval-only", "--resume", str(tmp / "two.pt"), *SMALL_NODROP)
+    one = cli("--data", data, "--eval-only", "--resume", str(tmp / "two.pt"), *SMALL_NODROP,
+              timeout=600)
     two = torchrun("--data", data, "--eval-only", "--resume", str(tmp / "two.pt"), *SMALL_NODROP)
     assert one.returncode == 0 and two.returncode == 0, two.stderr
     assert len(bpcs(one.stdout, "valid")) == 1 and len(bpcs(one.stdout, "test")) == 1
@@ -73,12 +69,12 @@ def test_evaluation_covers_each_split_once_across_ranks(runs):
 
 def test_two_rank_checkpoints_resume_and_continue_in_one_process(runs):
     tmp, data, _, two = runs
-    resumed = single("--data", data, "--save", str(tmp / "r.pt"), "--epochs", "1", *SMALL_NODROP,
-                     "--resume", str(tmp / "two.pt"), "--lr", "1e-3")
+    resumed = cli("--data", data, "--save", str(tmp / "r.pt"), "--epochs", "1", *SMALL_NODROP,
+                  "--resume", str(tmp / "two.pt"), "--lr", "1e-3", timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     first = float(re.search(r"loss +(\d+\.\d+)", resumed.stdout).group(1))
     assert first < float(re.search(r"loss +(\d+\.\d+)", two.stdout).group(1))
-    extended = single("--continue", str(tmp / "two.last.pt"), "--epochs", "3")
+    extended = cli("--continue", str(tmp / "two.last.pt"), "--epochs", "3", timeout=600)
     assert extended.returncode == 0, extended.stderr
     assert "| end of epoch   3 |" in extended.stdout
 

@@ -9,12 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_model
+from conftest import CPU, tiny_model
 from runtime import Dist
 from training import Carry, distributed, make_step, train_step
 
 ARGS = argparse.Namespace(optimizer="lamb", lr=1e-2, wdecay=1e-6, clip=0.25, amp="none")
-CPU = torch.device("cpu")
 STEPS = 3
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from conftest import perturb, tiny_model
+from conftest import CPU, perturb, tiny_model
 from model import SHARNN, attn_layers_in, lstm_dtype
 from runtime import autocast
 
@@ -353,7 +353,6 @@ def test_embedding_dropout_drops_whole_rows_in_training_only():
 
 # --- mixed precision, on the CPU ---------------------------------------------------------
 
-CPU = torch.device("cpu")
 AMP_SIZES = dict(ntoken=13, ninp=8, nhid=16, attn_layers=[0], mem_len=12)
 
 

@@ -3,8 +3,7 @@
 import torch
 
 import runtime
-
-CPU = torch.device("cpu")
+from conftest import CPU
 
 
 def test_cuda_runs_float32_matrix_products_in_tf32_unless_no_tf32(monkeypatch):

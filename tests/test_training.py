@@ -7,14 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import perturb, tiny_model
+from conftest import CPU, perturb, tiny_model
 from data import batchify, get_batch
 from lamb import Lamb
 from runtime import Dist, make_scaler
 from tokens import compact_dtype
 from training import Carry, Step, WithLoss, device_data, evaluate, train_step
-
-CPU = torch.device("cpu")
 
 
 class TargetLoss(torch.nn.Module):

@@ -16,10 +16,7 @@ import data
 import main
 import training
 import utils
-from conftest import ROOT, SMALL, cli, run_cli, start, wait_for
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
+from conftest import ENV, ROOT, SMALL, cli, run_cli, start, wait_for
 
 def digests(folder):
     return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
