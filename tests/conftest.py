@@ -1,3 +1,9 @@
+"""What several test files share: the flags of a tiny training run (SMALL), main.py run in
+this process (run_cli) or in a subprocess (cli, start, wait_for), corpora (write_corpus,
+make_corpus, make_text_corpus, the corpus_dir and tokenizer fixtures), the one tiny-model
+builder (tiny_model, with perturb) and a trained model (the shifted fixture), and small
+helpers (digest, line_of, ids, tweaked, Boom)."""
+
 import hashlib
 import os
 import random
@@ -20,7 +26,8 @@ sys.path.insert(0, ROOT)
 
 import prepare  # noqa: E402
 import tokens  # noqa: E402
-from model import SHARNN  # noqa: E402
+from data import Corpus  # noqa: E402
+from model import SHARNN, model_from_checkpoint  # noqa: E402
 
 # Flags for a tiny, quick training run of main.py on the CPU. SMALL_WITH_PROGRESS leaves the
 # progress bars to main.py's default (drawn only when stderr is a terminal); SMALL turns them off.
@@ -183,9 +190,7 @@ def tokenizer(request, monkeypatch):
 def shifted(capsys, tmp_path):
     """A model trained on varied sentences, and a corpus whose valid/test part uses only a
     few of the training words (so adapting to it pays)."""
-    from checkpoint import load_checkpoint
-    from data import Corpus
-    from model import model_from_checkpoint
+    from checkpoint import load_checkpoint  # here, as main.py in run_cli
     folder = write_corpus(tmp_path / "shift", sentences(600, 1),
                           sentences(80, 2, words=["cat", "sat", "mat"]),
                           sentences(80, 3, words=["dog", "ran", "park"]))
