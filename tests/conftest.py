@@ -203,5 +203,6 @@ def shifted(capsys, tmp_path):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: the slowest tests (torchrun launches, multi-epoch subprocess runs, "
+        "markers", "slow: the tests that take over about 3.5 s each on a 2-core CPU (torchrun "
+                   "launches, setup.sh environments, runs of several scripts or several trainings, "
                    "torch.compile, ONNX export); python -m pytest -q -m 'not slow' leaves them out")

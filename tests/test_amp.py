@@ -79,6 +79,7 @@ def test_continue_under_fp16_restores_the_loss_scale(corpus_dir, tmp_path):
         assert torch.equal(value, b["model"][key]), key
 
 
+@pytest.mark.slow
 def test_a_carried_state_in_half_precision_continues_in_float32(capsys, corpus_dir, tmp_path):
     """A last checkpoint whose carried LSTM states and memories are in float16 or bfloat16
     (what a CUDA fp16 or a CPU bf16 run writes) continues under --amp none, and takes the

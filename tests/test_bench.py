@@ -136,6 +136,7 @@ def test_cli_floor_prints_floor_and_overhead():
     assert len(overhead) == 1 and re.fullmatch(r"overhead: [+-]\d+\.\d% \(.+\)", overhead[0])
 
 
+@pytest.mark.slow
 def test_cli_also_eval_prints_the_lstm_dtype_warm_up_and_both_lines():
     lines = run_bench("--also-eval", "--amp", "bf16")
     train = [i for i, line in enumerate(lines) if re.fullmatch("train: " + RESULT, line)]

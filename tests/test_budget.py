@@ -73,6 +73,7 @@ def budget_line(out):
     return next(line for line in out.splitlines() if line.startswith("Budget "))
 
 
+@pytest.mark.slow
 def test_the_budget_run_is_the_run_of_the_steps_it_chose(corpus_dir, tmp_path, capsys, ticking):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
                              *SMALL, "--budget", "0.5s")
@@ -110,6 +111,7 @@ def test_the_fit_pays_for_every_validation_and_the_test():
     assert budget.fit(20.0, measured, ends, most=80) == 80  # a given --epochs 2 caps it
 
 
+@pytest.mark.slow
 def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_dir, tmp_path,
                                                                          capsys, monkeypatch, ticking):
     ticking.on_batch = lambda n: n == 100 and os.kill(os.getpid(), signal.SIGTERM)
@@ -131,23 +133,24 @@ def test_a_continued_budget_run_ends_at_the_same_step_without_measuring(corpus_d
     assert code == 2 and "--max-steps" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_a_budget_that_covers_many_epochs_regularises_as_its_recipe_says(tmp_path, capsys, ticking):
     """cpu-small's rule: past 4 epochs of the data, the cheap dropouts and weight decay,
     set after the first measurement (which then runs again); the run is then that of the
     flags it recorded, from the first step."""
     from conftest import sentences, write_corpus
-    data = write_corpus(tmp_path / "data", sentences(120, 1), sentences(30, 2), sentences(30, 3))
+    data = write_corpus(tmp_path / "data", sentences(30, 1), sentences(10, 2), sentences(10, 3))
     tiny = ["--emsize", "16", "--nhid", "32", "--nlayers", "2", "--mem-len", "32", "--bptt", "16",
             "--batch_size", "4", "--no-progress"]
     code, out, err = run_cli(capsys, "--data", data, "--save", str(tmp_path / "b.pt"),
-                             "--recipe", "cpu-small", *tiny, "--budget", "2s")
+                             "--recipe", "cpu-small", *tiny, "--budget", "0.5s")
     assert code == 0, err
     chosen = json.load(open(tmp_path / "b.run" / "args.json"))
     epochs = float(re.search(r"for ([\d.]+) epochs of data", out).group(1))
     expected = flags.by_limit(flags.BUDGET_RULES["cpu-small"]["regularise"], epochs)
     assert epochs > 5 and expected  # past cpu-small's first tier: regularised
     assert {k: chosen[k] for k in expected} == expected
-    assert f"--dropout {expected['dropout']} [budget 2s]" in out
+    assert f"--dropout {expected['dropout']} [budget 0.5s]" in out
     flags_of_run = [x for k, v in expected.items() for x in (f"--{k}", str(v))]
     flags_of_run += ["--max-steps", str(chosen["max_steps"]), "--cooldown", str(chosen["cooldown"]),
                      "--epochs", str(chosen["epochs"])]
@@ -174,6 +177,7 @@ def rates(sim):
     return steps, recording
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slow_from", [150, 600])  # before the cooldown begins, and within it
 def test_a_machine_that_slows_down_re_plans_and_ends_on_time(corpus_dir, tmp_path, capsys,
                                                             monkeypatch, slow_from):
@@ -207,6 +211,7 @@ def test_a_machine_that_slows_down_re_plans_and_ends_on_time(corpus_dir, tmp_pat
     assert chosen["replans"] == last["progress"]["replans"] == recorded
 
 
+@pytest.mark.slow
 def test_a_run_stopped_after_a_re_plan_continues_to_the_same_weights(corpus_dir, tmp_path, capsys,
                                                                     monkeypatch):
     flags_ = ["--data", corpus_dir, *SMALL, "--budget", "0.5s"]
@@ -246,6 +251,7 @@ def test_a_given_epochs_caps_the_budget_and_the_plan_says_so(corpus_dir, tmp_pat
     assert last["progress"]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_evaluating_a_budget_checkpoint_measures_and_plans_nothing(corpus_dir, tmp_path, capsys,
                                                                   monkeypatch, ticking):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),
@@ -271,6 +277,7 @@ def test_the_budget_counts_from_the_start_of_the_process(corpus_dir, tmp_path, c
     assert 1.2 <= float(age) < 10
 
 
+@pytest.mark.slow
 def test_planning_is_bounded_whatever_the_budget(tmp_path):
     import numpy as np
     ends, cut = schedule.epoch_ends(np.random.RandomState(0), 100, 16, 1, 10**15)
@@ -351,6 +358,7 @@ def test_eval_interval_validations_are_paid_for():
     assert budget.fit(21.0, measured, [40, 160], interval=20) == 80
 
 
+@pytest.mark.slow
 def test_cpu_small_budget_validates_about_ten_times(corpus_dir, tmp_path, capsys, monkeypatch):
     sim = Simulated(monkeypatch, chunk=0.0002)  # ten validations fit in 10% of the budget
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "b.pt"),

@@ -43,6 +43,7 @@ def test_variants_by_flag_are_built_and_stored(capsys, corpus_dir, tmp_path, fla
     assert f"attention in blocks {attn}" in out
 
 
+@pytest.mark.slow
 def test_resume_rebuilds_the_variant_and_rejects_contradicting_flags(capsys, corpus_dir, tmp_path):
     save = str(tmp_path / "all.pt")
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "1", *SMALL,

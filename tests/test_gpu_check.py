@@ -162,6 +162,7 @@ def test_a_failed_training_run_leaves_the_rest(fake, monkeypatch):
     assert lines[-1].startswith("LSTM dtypes: as model.lstm_dtype expects in every measured row")
 
 
+@pytest.mark.slow
 def test_the_deadline_stops_a_hanging_measurement_and_what_it_started(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_HANG", str(tmp_path / "hang.pid"))
     limits = gpu_check.Limits(deadline=12, row=3, fewest=0.5, kernels=2, train_extra=2,

@@ -47,6 +47,7 @@ def test_train_one_epoch_writes_checkpoint_and_reports_test_bpc(capsys, corpus_d
     assert os.path.exists(str(tmp_path / "model.last.pt"))
 
 
+@pytest.mark.slow
 def test_resume_starts_from_trained_weights(capsys, corpus_dir, tmp_path):
     save = str(tmp_path / "model.pt")
     code, fresh, _ = run_cli(capsys, "--data", corpus_dir, "--save", save, "--epochs", "2", *SMALL)
@@ -86,6 +87,7 @@ def test_unseen_token_is_a_one_line_error(capsys, corpus_dir):
     assert len(err.strip().splitlines()) == 1 and "'7'" in err and "test.txt" in err
 
 
+@pytest.mark.slow
 def test_resume_from_an_original_state_dict(capsys, corpus_dir, tmp_path):
     """Weights saved by the original code (a bare state_dict with its unused keys) resume
     and evaluate exactly like the checkpoint they came from."""

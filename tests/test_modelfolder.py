@@ -84,6 +84,7 @@ def test_a_folder_gives_the_numbers_and_samples_of_its_checkpoint(exported, caps
     assert "--bptt 24 [checkpoint]" in out  # the run settings travel in config.json too
 
 
+@pytest.mark.slow
 def test_a_folder_resumes_training_and_exports_to_onnx(exported, capsys):
     tmp, _, _, folder = exported
     code, out, err = run_cli(capsys, "--resume", folder, "--save", str(tmp / "again.pt"),

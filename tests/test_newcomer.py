@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, SMALL, cli, make_text_corpus, run_cli
 
 
+@pytest.mark.slow
 def test_readme_two_commands_train_on_own_text(tmp_path, capsys):
     path, out = make_text_corpus(tmp_path)
     code, stdout, err = run_cli(capsys, "--data", out, "--save", str(tmp_path / "book.pt"),
@@ -57,6 +58,7 @@ def test_eval_only_and_resume_take_the_data_folder_from_the_checkpoint(capsys, c
     assert code == 2 and "nope" in err  # a given --data still wins
 
 
+@pytest.mark.slow
 def test_log_counts_the_epochs_real_batches(capsys, corpus_dir, tmp_path):
     code, out, err = run_cli(capsys, "--data", corpus_dir, "--save", str(tmp_path / "m.pt"),
                              "--epochs", "2", *SMALL, "--log-interval", "1")

@@ -50,6 +50,7 @@ def test_the_lock_covers_every_output_of_a_run(corpus_dir, tmp_path, capsys):
           "--epochs", "1")
 
 
+@pytest.mark.slow
 def test_the_papers_second_pass_replaces_its_own_checkpoints(corpus_dir, tmp_path, capsys):
     save, last = tmp_path / "m.pt", tmp_path / "m.last.pt"
     train(capsys, corpus_dir, save, "--epochs", "1")
@@ -88,6 +89,7 @@ def test_a_write_that_fails_inside_torch_save_is_one_line_and_loses_nothing(corp
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_torch_save_is_an_oserror_and_the_last_checkpoint_is_tried(
         corpus_dir, tmp_path, capsys, monkeypatch):
     """On a full disk torch.save's writer may report "unexpected pos" (a RuntimeError): the
@@ -126,6 +128,7 @@ class FailingAfter:
         return getattr(self.f, name)
 
 
+@pytest.mark.slow
 def test_run_records_that_cannot_be_written_cost_no_checkpoint(corpus_dir, tmp_path, capsys,
                                                                 monkeypatch):
     real = open

@@ -55,6 +55,7 @@ def test_continue_after_sigterm_ends_with_the_weights_of_an_uninterrupted_run(co
     assert log.count("end of epoch") == 3
 
 
+@pytest.mark.slow
 def test_sigint_stops_then_tests_the_best_checkpoint(corpus_dir, tmp_path):
     proc = start("--data", corpus_dir, "--save", str(tmp_path / "m.pt"), "--epochs", "50", *SMALL)
     wait_for(proc, "Saving model (new best validation)")
@@ -153,6 +154,7 @@ def to_full_disk(script, *argv):
                               stderr=subprocess.PIPE, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_full_standard_output_is_one_line_for_every_script(corpus_dir, tmp_path, capsys):
     save = str(tmp_path / "m.pt")
     code, _, err = run_cli(capsys, "--data", corpus_dir, "--save", save, *SMALL, "--epochs", "1",

@@ -54,6 +54,7 @@ def test_a_python_that_does_not_run_is_not_called_too_old(tmp_path):
     assert "too old" not in result.stderr and not (folder / ".venv").exists()
 
 
+@pytest.mark.slow
 def test_an_environment_without_pip_gets_pip_again(tmp_path):
     """An interrupted creation leaves .venv/bin/python without pip: the next call adds pip
     (ensurepip, offline) instead of blaming the network at every call."""
@@ -69,6 +70,7 @@ def test_an_environment_without_pip_gets_pip_again(tmp_path):
     assert result.returncode == 1 and "could not install torch" in result.stderr  # the index
 
 
+@pytest.mark.slow
 def test_a_package_index_out_of_reach_is_one_line(tmp_path):
     folder = clone(tmp_path)
     result = setup(folder, "requirements.txt", PYTHON=BARE, PIP_CONFIG_FILE=os.devnull,
@@ -79,6 +81,7 @@ def test_a_package_index_out_of_reach_is_one_line(tmp_path):
     assert os.path.exists(folder / ".venv" / "setup.log")
 
 
+@pytest.mark.slow
 def test_a_second_call_reuses_the_environment(tmp_path):
     folder = clone(tmp_path)
     first = setup(folder, "requirements.txt", PYTHON=BARE, PIP_CONFIG_FILE=os.devnull,
@@ -132,6 +135,7 @@ def test_a_read_only_clone_is_one_line(ready):
     finally:
         os.chmod(folder, 0o755)
         shutil.rmtree(folder)
+@pytest.mark.slow
 def test_a_python_with_torch_is_reused_without_network_and_an_unusable_gpu_is_one_line(tmp_path):
     """PYTHON has torch (and the requirements) and the index is out of reach, as on a GPU
     machine without network: .venv reuses them. A GPU answers (a fake nvidia-smi) that this

@@ -137,6 +137,7 @@ def test_cooldown_reaches_zero_at_the_last_step_when_epochs_run_longer_than_nomi
     assert all(r["lr"] > 0 for r in steps_taken[:-1])
 
 
+@pytest.mark.slow
 def test_eval_interval_adds_points_to_the_curve_and_changes_no_weight(corpus_dir, tmp_path, capsys):
     """--eval-interval 40: a validation every 40 optimizer steps as well as at the epoch ends,
     each a metrics record and a chance for the best checkpoint; the training is the same."""

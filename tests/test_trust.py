@@ -95,6 +95,7 @@ def test_continue_refuses_a_change_it_cannot_honour(corpus_dir, tmp_path, flag, 
     assert flag in result.stderr and "--resume" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_epoch_in_the_last_checkpoint(corpus_dir, tmp_path, capsys, monkeypatch):
     save = str(tmp_path / "m.pt")
     real = utils.atomic_save
@@ -210,6 +211,7 @@ def test_nonfinite_intervals_are_logged_as_such(corpus_dir, tmp_path):
     assert not any("ppl     1.00" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_stale_temporaries_are_removed_and_files_follow_the_umask(corpus_dir, tmp_path):
     stale = tmp_path / "m.last.pt.abcd1234.tmp"
     stale.write_bytes(b"half a checkpoint")
@@ -228,6 +230,7 @@ def test_stale_temporaries_are_removed_and_files_follow_the_umask(corpus_dir, tm
         assert os.stat(path).st_mode & 0o777 == 0o640, name
 
 
+@pytest.mark.slow
 def test_pickled_file_advice_is_safe_and_the_converter_needs_consent(corpus_dir, tmp_path):
     path = str(tmp_path / "ENWIK8.pt")
     torch.save([torch.nn.Linear(3, 2), None, None], path)
