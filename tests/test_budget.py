@@ -17,7 +17,7 @@ import budget
 import flags
 import schedule
 import training
-from conftest import ROOT, SMALL, run_cli
+from conftest import ROOT, SMALL, line_of, run_cli
 
 
 class Simulated:
@@ -70,7 +70,7 @@ def ticking(monkeypatch):
 
 
 def budget_line(out):
-    return next(line for line in out.splitlines() if line.startswith("Budget "))
+    return line_of(out, "Budget ")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SMALL, cli, make_text_corpus, run_cli
+from conftest import ROOT, SMALL, cli, line_of, make_text_corpus, run_cli
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_threads_flag_sets_torch_threads_and_is_recorded(corpus_dir, tmp_path):
                                 capture_output=True, text=True, timeout=300,
                                 env=dict(os.environ, OMP_NUM_THREADS="2"))
         assert result.returncode == 0, result.stderr
-        model_line = next(line for line in result.stdout.splitlines() if line.startswith("Model:"))
+        model_line = line_of(result.stdout, "Model:")
         assert f", threads {expected}" in model_line
     env = json.loads((tmp_path / "m.run" / "env.json").read_text())
     assert env["cpu_threads"] == 1

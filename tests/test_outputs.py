@@ -18,7 +18,7 @@ import torch
 import checkpoint
 import outputs
 import utils
-from conftest import ROOT, SMALL, digest, run_cli
+from conftest import ROOT, SMALL, cli, digest, run_cli
 from outputs import Locks, Output
 
 
@@ -205,9 +205,7 @@ def test_kill_9_in_the_middle_of_a_write_leaves_the_previous_checkpoints(corpus_
     for path in (tmp_path / "m.pt", tmp_path / "m.last.pt"):
         ckpt = checkpoint.load_checkpoint(str(path))
         assert ckpt["kind"] == "sha-rnn" and "encoder.weight" in ckpt["model"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--continue",
-                             str(tmp_path / "m.last.pt")], capture_output=True, text=True,
-                            timeout=300)
+    result = cli("--continue", str(tmp_path / "m.last.pt"))
     assert result.returncode == 0, result.stderr
     assert "| End of training |" in result.stdout
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

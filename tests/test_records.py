@@ -12,16 +12,14 @@ import termios
 
 import pytest
 
-from conftest import ROOT, SMALL_WITH_PROGRESS, sentences, write_corpus
+from conftest import ROOT, SMALL_WITH_PROGRESS, cli, sentences, write_corpus
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("records")
     data = write_corpus(tmp / "data", sentences(600, 1), sentences(60, 2), sentences(60, 3))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--data", data,
-                             "--save", str(tmp / "m.pt"), "--epochs", "2", *SMALL_WITH_PROGRESS],
-                            capture_output=True, text=True, timeout=300)
+    result = cli("--data", data, "--save", str(tmp / "m.pt"), "--epochs", "2", *SMALL_WITH_PROGRESS)
     assert result.returncode == 0, result.stderr
     return tmp, data, result
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import outputs
-from conftest import SMALL, run_cli
+from conftest import SMALL, line_of, run_cli
 
 
 def metrics(run_dir):
@@ -18,14 +18,17 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def settings_line(out):
+    """(flag, value, source) of each flag on the run's Settings line."""
+    return re.findall(r"--([\w-]+) (\S+) \[([^\]]+)\]", line_of(out, "Settings: "))
+
+
 def settings(out):
-    line = next(line for line in out.splitlines() if line.startswith("Settings: "))
-    return {flag: value for flag, value, _ in re.findall(r"--([\w-]+) (\S+) \[([^\]]+)\]", line)}
+    return {flag: value for flag, value, _ in settings_line(out)}
 
 
 def sources(out):
-    line = next(line for line in out.splitlines() if line.startswith("Settings: "))
-    return {flag: source for flag, _, source in re.findall(r"--([\w-]+) (\S+) \[([^\]]+)\]", line)}
+    return {flag: source for flag, _, source in settings_line(out)}
 
 
 @pytest.fixture(scope="module")
